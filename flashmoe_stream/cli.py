@@ -1,0 +1,163 @@
+"""The `flashmoe` command line. User errors print one line and exit non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import format_size, parse_size
+from .errors import FlashMoeError
+
+log = logging.getLogger("flashmoe")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except FlashMoeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _emit(obj: dict, as_json: bool, human: str) -> None:
+    print(json.dumps(obj, indent=2) if as_json else human)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .synth import synth
+
+    r = synth(a.output, arch=a.arch, preset=a.preset, qtype=a.qtype, layers=a.layers,
+              split_size=a.split_size, seed=a.seed, progress=not a.json)
+    out = {"files": [str(p) for p in r.paths], "bytes": r.nbytes, "seconds": round(r.seconds, 3),
+           "write_gb_per_s": round(r.gb_per_s, 3)}
+    _emit(out, a.json, f"wrote {', '.join(out['files'])}: {format_size(r.nbytes)} in {r.seconds:.1f} s "
+                       f"({r.gb_per_s:.2f} GB/s)")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .gguf_file import open_gguf
+    from .model_info import ModelInfo
+
+    info = ModelInfo.of(open_gguf(a.model))
+    d = info.as_dict()
+    if a.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    rows = [
+        ("architecture", info.arch),
+        ("layers", f"{info.n_layer} ({info.n_moe_layer} with routed experts)"),
+        ("experts", f"{info.n_expert} per layer, {info.n_expert_used} used per token, {info.n_expert_shared} shared"),
+        ("parameters", f"{info.params_total / 1e9:.3f} B total, {info.params_active / 1e9:.3f} B active per token"),
+        ("file size", format_size(info.bytes_total)),
+        ("dense (resident)", format_size(info.bytes_dense)),
+        ("routed experts", format_size(info.bytes_experts)),
+        ("bytes per expert", format_size(info.bytes_per_expert)),
+        ("read per token, 0% hits", format_size(info.bytes_per_token_cold)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    out = Path(a.dir) / "tiny-qwen3moe-Q8_0.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        cmd_synth(argparse.Namespace(output=out, arch="qwen3moe", preset="tiny", qtype="Q8_0", layers=None,
+                                     split_size=0, seed=0, json=False))
+    return cmd_inspect(argparse.Namespace(model=out, json=False))
+
+
+def cmd_repack(a: argparse.Namespace) -> int:
+    raise FlashMoeError("repack is not implemented yet: run the GGUF directly once the streaming runtime lands")
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "dequant":
+        from .quant.bench import bench_dequant
+
+        rows = bench_dequant(a.device, mib=a.mib)
+        if a.json:
+            print(json.dumps({"device": a.device, "results": rows}, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['type']:>7}  {r['gb_per_s_in']:8.2f} GB/s in  {r['gb_per_s_out']:8.2f} GB/s out")
+        return 0
+    raise FlashMoeError(f"unknown benchmark {a.what!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .synth import ARCHS, PRESETS, QTYPES
+
+    p = argparse.ArgumentParser(
+        prog="flashmoe",
+        description="Run Mixture-of-Experts LLMs larger than RAM and VRAM by streaming experts from NVMe.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write a synthetic model with a real architecture and random weights",
+                       description="Write a GGUF with llama.cpp's tensor names, shapes and metadata for ARCH at the "
+                                   "dimensions of PRESET, random zero-mean weights and a small byte-level BPE tokenizer.")
+    s.add_argument("--arch", choices=ARCHS, default="qwen3moe")
+    s.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model dimensions (default: tiny, a few MB)")
+    s.add_argument("--layers", type=int, help="override the preset's number of layers")
+    s.add_argument("--qtype", default="Q8_0", metavar="TYPE",
+                   help=f"quantisation: a ggml type or a llama.cpp mix ({', '.join(QTYPES)}); default Q8_0")
+    s.add_argument("--split-size", type=_size, default=0, metavar="SIZE",
+                   help="split into name-0000k-of-0000n.gguf files of at most SIZE (e.g. 2G)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.gguf")
+    s.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar)")
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("inspect", help="what a model is and what it costs to stream",
+                       description="Architecture, experts, parameters, dense and expert bytes, and the bytes one "
+                                   "token reads from disk when no expert is cached. Reads metadata only.")
+    s.add_argument("model", type=Path, metavar="MODEL", help="a GGUF file (any shard of a split set)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("demo", help="make the built-in demo model and show it")
+    s.add_argument("--dir", default="demo", help="where the demo model lives (default: ./demo)")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("repack", help="turn a MoE GGUF into an expert store (not yet)")
+    s.add_argument("model", nargs="?")
+    s.add_argument("-o", "--output")
+    s.set_defaults(fn=cmd_repack)
+
+    s = sub.add_parser("bench", help="benchmarks, JSON with --json")
+    s.add_argument("what", choices=["dequant"], help="dequant: dequantisation throughput per ggml type")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default: cpu)")
+    s.add_argument("--mib", type=int, default=64, help="MiB of quantised input per type (default: 64)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except FlashMoeError as e:
+        print(f"flashmoe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flashmoe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:  # disk full, permission denied, ...: still one line
+        print(f"flashmoe: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""See ARCHITECTURE.md; filled in by later issues."""

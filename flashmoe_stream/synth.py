@@ -1,0 +1,372 @@
+"""Synthetic real-architecture GGUF models: llama.cpp's tensor names, shapes and metadata, random weights.
+
+Quantised tensors are written as valid random blocks (``quant.random_blocks``), never quantised from
+floats, so tens of GB go out at disk speed. The weights are zero-mean and scaled so activations stay
+in range through every layer and routing varies from token to token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q, GGUFWriter, LlamaFileType, TokenType
+
+from . import quant
+from .errors import UnsupportedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_vocab: int
+    n_ctx: int
+    rope_theta: float
+    rms_eps: float
+
+
+# Real dimensions of the published models (from their config.json); `tiny` is a few MB.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(4, 256, 4, 2, 64, 8, 2, 256, 512, 4096, 1e6, 1e-6),
+    "qwen3-30b-a3b": Preset(48, 2048, 32, 4, 128, 128, 8, 768, 151936, 40960, 1e6, 1e-6),
+    "qwen3-235b-a22b": Preset(94, 4096, 64, 4, 128, 128, 8, 1536, 151936, 40960, 1e6, 1e-6),
+    "mixtral-8x7b": Preset(32, 4096, 32, 8, 128, 8, 2, 14336, 32000, 32768, 1e6, 1e-5),
+}
+ARCHS = ("qwen3moe", "llama")
+
+# --qtype: a single ggml type for every matrix, or one of llama.cpp's mixes.
+MIXES: dict[str, tuple[Q, Q, LlamaFileType]] = {  # name → (most matrices, ffn_down and output, file type)
+    "Q4_K_M": (Q.Q4_K, Q.Q6_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "Q5_K_M": (Q.Q5_K, Q.Q6_K, LlamaFileType.MOSTLY_Q5_K_M),
+}
+_FTYPE_OF = {
+    Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
+    Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1, Q.Q2_K: LlamaFileType.MOSTLY_Q2_K,
+    Q.Q3_K: LlamaFileType.MOSTLY_Q3_K_M, Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S, Q.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
+    Q.Q6_K: LlamaFileType.MOSTLY_Q6_K, Q.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL, Q.IQ4_XS: LlamaFileType.MOSTLY_IQ4_XS,
+    Q.MXFP4: LlamaFileType.MOSTLY_MXFP4_MOE,
+}
+QTYPES = tuple(MIXES) + tuple(t.name for t in _FTYPE_OF)
+
+
+def _type_plan(qtype: str) -> tuple[Q, Q, LlamaFileType]:
+    if qtype in MIXES:
+        return MIXES[qtype]
+    try:
+        t = Q[qtype]
+    except KeyError:
+        raise UnsupportedError(f"unknown --qtype {qtype!r} (choose from {', '.join(QTYPES)})") from None
+    if t not in _FTYPE_OF:
+        raise UnsupportedError(f"--qtype {qtype} is not supported by synth (choose from {', '.join(QTYPES)})")
+    return t, t, _FTYPE_OF[t]
+
+
+# ---------------------------------------------------------------------------------------------
+# A small byte-level BPE tokenizer (GPT-2 byte alphabet), trained on a built-in paragraph.
+
+_CORPUS = """\
+Mixture-of-experts language models route every token to a few experts out of many, so only a small
+part of the weights is needed for each token. The rest can stay on a fast disk and be streamed in
+when the router asks for it. A good cache keeps the experts that will be used again soon, and a good
+prefetcher reads the next layer's experts while the current layer computes. What's AI? It is the
+study of programs that learn from data. The quick brown fox jumps over the lazy dog. def main():
+    return sum(x * x for x in range(10))
+In 2024 and 2025 the largest open models had hundreds of billions of parameters.
+"""
+_PRETOKENIZE = re.compile(r"'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte value."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = (b for b in range(256) if b not in keep)
+    table = {b: chr(b) for b in keep}
+    for n, b in enumerate(extra):
+        table[b] = chr(256 + n)
+    return dict(sorted(table.items()))
+
+
+def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
+    """Byte-level BPE: returns (tokens, merges); tokens are the 256 bytes then one per merge."""
+    alpha = byte_alphabet()
+    words = Counter(tuple(alpha[b] for b in w.encode()) for w in _PRETOKENIZE.findall(text))
+    tokens, merges = list(alpha.values()), []
+    for _ in range(n_merges):
+        pairs: Counter = Counter()
+        for w, n in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        (a, b), _count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        tokens.append(a + b)
+        merged = Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return tokens, merges
+
+
+def _add_tokenizer(w: GGUFWriter, arch: str, n_vocab: int) -> None:
+    n_merges = max(0, min(n_vocab - 256 - len(SPECIAL_TOKENS), 256))
+    tokens, merges = train_bpe(_CORPUS, n_merges)
+    types = [TokenType.NORMAL] * len(tokens)
+    special_ids = {}
+    for s in SPECIAL_TOKENS:
+        special_ids[s] = len(tokens)
+        tokens.append(s)
+        types.append(TokenType.CONTROL)
+    if len(tokens) > n_vocab:
+        raise UnsupportedError(f"vocabulary of {n_vocab} is too small for the byte-level tokenizer (needs {len(tokens)})")
+    for i in range(n_vocab - len(tokens)):  # as llama.cpp's converter pads a vocab to the embedding rows
+        tokens.append(f"[PAD{i}]")
+        types.append(TokenType.UNUSED)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2" if arch == "qwen3moe" else "llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(special_ids["<|endoftext|>"])
+    w.add_eos_token_id(special_ids["<|im_end|>"])
+    w.add_pad_token_id(special_ids["<|endoftext|>"])
+    w.add_add_bos_token(arch == "llama")
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # torch order
+    qtype: Q
+    std: float  # 0 → a norm weight (ones)
+
+
+def _tensor_plan(arch: str, p: Preset, main: Q, down: Q) -> list[_Tensor]:
+    e, hd, ff = p.n_embd, p.head_dim, p.n_ff_exp
+    qd, kvd = p.n_head * hd, p.n_head_kv * hd
+
+    def mat(name: str, shape: tuple[int, ...], qtype: Q, std: float) -> _Tensor:
+        return _Tensor(name, shape, _fit(qtype, shape[-1]), std)
+
+    out = [mat("token_embd.weight", (p.n_vocab, e), main, 1.0)]
+    for i in range(p.n_layer):
+        b = f"blk.{i}."
+        out += [
+            _Tensor(b + "attn_norm.weight", (e,), Q.F32, 0.0),
+            mat(b + "attn_q.weight", (qd, e), main, e ** -0.5),
+            mat(b + "attn_k.weight", (kvd, e), main, e ** -0.5),
+            mat(b + "attn_v.weight", (kvd, e), main, e ** -0.5),
+            mat(b + "attn_output.weight", (e, qd), main, 0.5 * qd ** -0.5),
+        ]
+        if arch == "qwen3moe":
+            out += [_Tensor(b + "attn_q_norm.weight", (hd,), Q.F32, 0.0), _Tensor(b + "attn_k_norm.weight", (hd,), Q.F32, 0.0)]
+        out += [
+            _Tensor(b + "ffn_norm.weight", (e,), Q.F32, 0.0),
+            _Tensor(b + "ffn_gate_inp.weight", (p.n_expert, e), Q.F32, 2.0 * e ** -0.5),
+            mat(b + "ffn_gate_exps.weight", (p.n_expert, ff, e), main, e ** -0.5),
+            mat(b + "ffn_up_exps.weight", (p.n_expert, ff, e), main, e ** -0.5),
+            mat(b + "ffn_down_exps.weight", (p.n_expert, e, ff), down, ff ** -0.5),
+        ]
+    out += [_Tensor("output_norm.weight", (e,), Q.F32, 0.0), mat("output.weight", (p.n_vocab, e), down, e ** -0.5)]
+    return out
+
+
+def _fit(qtype: Q, row: int) -> Q:
+    """llama.cpp's fallback when a row is not a whole number of blocks of the asked type."""
+    for t in (qtype, Q.Q8_0, Q.F16):
+        if row % quant.block_size(t)[0] == 0:
+            if t != qtype:
+                log.info("rows of %d elements do not fit %s blocks: using %s", row, qtype.name, t.name)
+            return t
+    return Q.F32
+
+
+def _chunks(t: _Tensor, seed: int, index: int, chunk_bytes: int):
+    """The tensor's bytes, generated in pieces of about ``chunk_bytes``."""
+    rng = np.random.default_rng([seed, index])
+    if t.std == 0.0:
+        yield np.ones(t.shape, np.float32).view(np.uint8).reshape(-1)
+        return
+    row = t.shape[-1]
+    n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+    if t.qtype == Q.F32:
+        yield rng.normal(0.0, t.std, size=t.shape).astype(np.float32).view(np.uint8).reshape(-1)
+        return
+    row_bytes = quant.nbytes(t.qtype, (row,))
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(0, n_rows, step):
+        rows = min(step, n_rows - start)
+        yield quant.random_blocks(t.qtype, rows * row, t.std, rng)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthResult:
+    paths: list[Path]
+    nbytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / max(self.seconds, 1e-9) / 1e9
+
+
+def synth(out: str | os.PathLike, arch: str = "qwen3moe", preset: str = "tiny", qtype: str = "Q8_0",
+          layers: int | None = None, split_size: int = 0, seed: int = 0, progress: bool = False,
+          **overrides: int) -> SynthResult:
+    """Write a synthetic model to ``out`` (split into ``-0000k-of-0000n`` files when ``split_size`` > 0).
+
+    Files appear under their final names only once complete (written under a temporary folder beside
+    them, fsynced, then renamed). ``overrides`` replace preset fields (e.g. ``n_expert=16``).
+    """
+    if arch not in ARCHS:
+        raise UnsupportedError(f"synth cannot write architecture {arch!r} (choose from {', '.join(ARCHS)})")
+    if preset not in PRESETS:
+        raise UnsupportedError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    p = replace(PRESETS[preset], **({"n_layer": layers} if layers else {}), **overrides)
+    main, down, ftype = _type_plan(qtype)
+    out = Path(out)
+    tensors = _tensor_plan(arch, p, main, down)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        w = GGUFWriter(tmp / out.name, arch, split_max_size=split_size)
+        _add_metadata(w, arch, p, ftype, f"synthetic {arch} {preset} {qtype}")
+        for t in tensors:
+            # a non-uint8 dtype tells gguf that the shape counts elements, not bytes
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quant.nbytes(t.qtype, t.shape), raw_dtype=t.qtype)
+        total = sum(quant.nbytes(t.qtype, t.shape) for t in tensors)
+        t0 = time.perf_counter()
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        _write_data(w, {t.name: (i, t) for i, t in enumerate(tensors)}, seed, total, progress)
+        files = [Path(f.name) for f in w.fout]
+        for f in w.fout:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        seconds = time.perf_counter() - t0
+        finals = [out.parent / f.name for f in files]
+        for f, final in reversed(list(zip(files, finals))):  # the first shard appears last
+            os.replace(f, final)
+        _fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return SynthResult(finals, total, seconds)
+
+
+def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, name: str) -> None:
+    w.add_name(name)
+    w.add_file_type(ftype)
+    w.add_quantization_version(2)
+    w.add_context_length(p.n_ctx)
+    w.add_embedding_length(p.n_embd)
+    w.add_block_count(p.n_layer)
+    w.add_head_count(p.n_head)
+    w.add_head_count_kv(p.n_head_kv)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_layer_norm_rms_eps(p.rms_eps)
+    w.add_expert_count(p.n_expert)
+    w.add_expert_used_count(p.n_expert_used)
+    if arch == "qwen3moe":
+        w.add_key_length(p.head_dim)
+        w.add_value_length(p.head_dim)
+        w.add_expert_feed_forward_length(p.n_ff_exp)
+        w.add_feed_forward_length(p.n_ff_exp * p.n_expert_used)
+    else:
+        w.add_vocab_size(p.n_vocab)
+        w.add_rope_dimension_count(p.head_dim)
+        w.add_feed_forward_length(p.n_ff_exp)
+    _add_tokenizer(w, arch, p.n_vocab)
+
+
+def _write_data(w: GGUFWriter, plan: dict[str, tuple[int, _Tensor]], seed: int, total: int, progress: bool) -> None:
+    """Generate on this thread, write on another, so the disk and the generator overlap."""
+    from tqdm import tqdm
+
+    q: queue.Queue = queue.Queue(maxsize=3)
+    error: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            while (item := q.get()) is not None:
+                f, data = item
+                f.write(data)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the generating thread
+            error.append(e)
+            while q.get() is not None:
+                pass
+
+    th = threading.Thread(target=writer, name="synth-writer", daemon=True)
+    th.start()
+    align = w.data_alignment
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress)
+    try:
+        for f, shard in zip(w.fout, w.tensors):
+            pos = f.tell()
+            for name in shard:
+                index, t = plan[name]
+                q.put((f, b"\0" * (-pos % align)))
+                pos += -pos % align
+                for data in _chunks(t, seed, index, 32 << 20):
+                    if error:
+                        raise error[0]
+                    q.put((f, data))
+                    pos += data.nbytes
+                    bar.update(data.nbytes)
+    finally:
+        q.put(None)
+        th.join()
+        bar.close()
+    if error:
+        raise error[0]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+from flashmoe_stream.synth import synth
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (run on the accelerator machine: pytest -m gpu)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory):
+    """make_model(arch, qtype, **kw) -> path of a synthetic model, made once per session per arguments."""
+    cache = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def make(arch="qwen3moe", qtype="Q8_0", preset="tiny", **kw):
+        key = (arch, qtype, preset, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = "-".join([arch, qtype, preset] + [f"{k}{v}" for k, v in sorted(kw.items())]) + ".gguf"
+            cache[key] = synth(root / name, arch=arch, preset=preset, qtype=qtype, **kw).paths[0]
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python, the numeric reference. CI sets FLASHMOE_REQUIRE_LLAMA_CPP=1 so it is never skipped there."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("FLASHMOE_REQUIRE_LLAMA_CPP"):
+            raise
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[dev]')")
+    return llama_cpp

@@ -1,0 +1,79 @@
+"""A plain, slow, whole-model reference forward pass in float32 (no cache, no streaming).
+
+Written from the architectures' definitions (llama.cpp's graph for qwen3moe and llama-with-experts)
+to check synthetic models and, later, the streaming runtime. Returns logits and the routing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashmoe_stream.gguf_file import GGUFModel
+from flashmoe_stream.quant import dequantize
+
+
+def weight(model: GGUFModel, name: str) -> torch.Tensor:
+    t = model.tensors[name]
+    raw = torch.from_numpy(model.tensor_bytes(name).copy())
+    return dequantize(raw, t.qtype, t.shape)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(x: torch.Tensor, theta: float, neox: bool) -> torch.Tensor:
+    """x: [T, H, D]; NEOX rotates (i, i + D/2) pairs, normal RoPE rotates (2i, 2i + 1) pairs."""
+    T, _, D = x.shape
+    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = ang.cos().float()[:, None, :], ang.sin().float()[:, None, :]
+    if neox:
+        a, b = x[..., : D // 2], x[..., D // 2:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+@torch.no_grad()
+def forward(model: GGUFModel, tokens: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Returns (logits [T, n_vocab], routed expert ids per layer [T, k], hidden state after each layer [T, n_embd])."""
+    cfg = model.config
+    W = lambda name: weight(model, name)  # noqa: E731
+    T = len(tokens)
+    x = W("token_embd.weight")[torch.tensor(tokens)]
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    routes, hidden = [], []
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        h = rms_norm(x, W(b + "attn_norm.weight"), cfg.rms_eps)
+        q = (h @ W(b + "attn_q.weight").T).view(T, cfg.n_head, cfg.head_dim)
+        k = (h @ W(b + "attn_k.weight").T).view(T, cfg.n_head_kv, cfg.head_dim)
+        v = (h @ W(b + "attn_v.weight").T).view(T, cfg.n_head_kv, cfg.head_dim)
+        if b + "attn_q_norm.weight" in model.tensors:
+            q = rms_norm(q, W(b + "attn_q_norm.weight"), cfg.rms_eps)
+            k = rms_norm(k, W(b + "attn_k_norm.weight"), cfg.rms_eps)
+        q, k = rope(q, cfg.rope_theta, cfg.rope_neox), rope(k, cfg.rope_theta, cfg.rope_neox)
+        rep = cfg.n_head // cfg.n_head_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = torch.einsum("thd,shd->hts", q, k) / cfg.head_dim ** 0.5 + mask
+        o = torch.einsum("hts,shd->thd", att.softmax(-1), v).reshape(T, -1)
+        x = x + o @ W(b + "attn_output.weight").T
+
+        h = rms_norm(x, W(b + "ffn_norm.weight"), cfg.rms_eps)
+        probs = (h @ W(b + "ffn_gate_inp.weight").T).softmax(-1)
+        w_top, ids = probs.topk(cfg.n_expert_used, dim=-1)
+        if cfg.expert_weights_norm:
+            w_top = w_top / w_top.sum(-1, keepdim=True)
+        gate, up, down = W(b + "ffn_gate_exps.weight"), W(b + "ffn_up_exps.weight"), W(b + "ffn_down_exps.weight")
+        out = torch.zeros_like(x)
+        for t in range(T):
+            for j in range(cfg.n_expert_used):
+                e = int(ids[t, j])
+                act = torch.nn.functional.silu(gate[e] @ h[t]) * (up[e] @ h[t])
+                out[t] += w_top[t, j] * (down[e] @ act)
+        x = x + out
+        routes.append(ids)
+        hidden.append(x.clone())
+    x = rms_norm(x, W("output_norm.weight"), cfg.rms_eps)
+    return x @ W("output.weight").T, routes, hidden

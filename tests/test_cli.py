@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flashmoe_stream.synth import PRESETS
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flashmoe_stream", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_synth_then_inspect_json(tmp_path):
+    out = tmp_path / "m.gguf"
+    r = run("synth", "--arch", "llama", "--qtype", "Q8_0", "--layers", "3", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"] == [str(out)]
+    r = run("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    p = PRESETS["tiny"]
+    expert_params = 3 * p.n_ff_exp * p.n_embd
+    assert info["arch"] == "llama" and info["n_layer"] == 3 and info["n_moe_layer"] == 3
+    assert info["bytes_per_expert"] == expert_params // 32 * 34  # Q8_0: 34 bytes per 32 weights
+    assert info["bytes_per_token_cold"] == 3 * p.n_expert_used * info["bytes_per_expert"]
+    assert info["bytes_experts"] == 3 * p.n_expert * info["bytes_per_expert"]
+    assert info["bytes_dense"] + info["bytes_experts"] == info["bytes_total"]
+    dense = info["params_total"] - 3 * p.n_expert * expert_params
+    assert info["params_active"] == dense + 3 * p.n_expert_used * expert_params
+    attn = 2 * p.n_embd * p.n_head * p.head_dim + 2 * p.n_embd * p.n_head_kv * p.head_dim
+    assert dense == 2 * p.n_vocab * p.n_embd + 3 * (attn + p.n_expert * p.n_embd + 2 * p.n_embd) + p.n_embd
+
+
+def test_inspect_human_output(make_model):
+    r = run("inspect", make_model())
+    assert r.returncode == 0, r.stderr
+    assert "qwen3moe" in r.stdout and "read per token, 0% hits" in r.stdout
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: d / "missing.gguf",
+    lambda d: (d / "foreign.gguf").write_bytes(b"not a gguf" * 50) and d / "foreign.gguf",
+])
+def test_bad_model_is_one_line_no_traceback(tmp_path, make):
+    r = run("inspect", make(tmp_path))
+    assert r.returncode != 0
+    assert r.stderr.startswith("flashmoe: error:") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_unsupported_architecture_one_line(tmp_path):
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    r = run("inspect", tmp_path / "gpt2.gguf")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "unsupported architecture 'gpt2' (supported: llama, qwen3moe)" in r.stderr
+
+
+def test_help_explains_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("synth", "inspect", "bench", "demo"):
+        assert cmd in r.stdout
+    assert "--split-size" in run("synth", "--help").stdout
+
+
+def test_bad_split_size_is_usage_error(tmp_path):
+    r = run("synth", "-o", tmp_path / "x.gguf", "--split-size", "lots")
+    assert r.returncode == 2 and "not understood" in r.stderr
