@@ -52,10 +52,25 @@ PRESETS: dict[str, Preset] = {
 }
 ARCHS = ("qwen3moe", "llama")
 
+
+
+@dataclass(frozen=True)
+class _Mix:
+    """Which ggml type each kind of matrix gets (norms and routers are always F32)."""
+
+    dense: Q  # attention, embeddings
+    experts: Q  # routed experts' gate and up
+    down: Q  # ffn_down (experts too)
+    output: Q
+    ftype: LlamaFileType
+
+
 # --qtype: a single ggml type for every matrix, or one of llama.cpp's mixes.
-MIXES: dict[str, tuple[Q, Q, LlamaFileType]] = {  # name → (most matrices, ffn_down and output, file type)
-    "Q4_K_M": (Q.Q4_K, Q.Q6_K, LlamaFileType.MOSTLY_Q4_K_M),
-    "Q5_K_M": (Q.Q5_K, Q.Q6_K, LlamaFileType.MOSTLY_Q5_K_M),
+MIXES: dict[str, _Mix] = {
+    "Q4_K_M": _Mix(Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q6_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "Q5_K_M": _Mix(Q.Q5_K, Q.Q5_K, Q.Q6_K, Q.Q6_K, LlamaFileType.MOSTLY_Q5_K_M),
+    # llama.cpp's MXFP4_MOE: MXFP4 routed experts, Q8_0 for everything else
+    "MXFP4": _Mix(Q.Q8_0, Q.MXFP4, Q.MXFP4, Q.Q8_0, LlamaFileType.MOSTLY_MXFP4_MOE),
 }
 _FTYPE_OF = {
     Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
@@ -63,12 +78,11 @@ _FTYPE_OF = {
     Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1, Q.Q2_K: LlamaFileType.MOSTLY_Q2_K,
     Q.Q3_K: LlamaFileType.MOSTLY_Q3_K_M, Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S, Q.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
     Q.Q6_K: LlamaFileType.MOSTLY_Q6_K, Q.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL, Q.IQ4_XS: LlamaFileType.MOSTLY_IQ4_XS,
-    Q.MXFP4: LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 QTYPES = tuple(MIXES) + tuple(t.name for t in _FTYPE_OF)
 
 
-def _type_plan(qtype: str) -> tuple[Q, Q, LlamaFileType]:
+def _type_plan(qtype: str) -> _Mix:
     if qtype in MIXES:
         return MIXES[qtype]
     try:
@@ -77,7 +91,7 @@ def _type_plan(qtype: str) -> tuple[Q, Q, LlamaFileType]:
         raise UnsupportedError(f"unknown --qtype {qtype!r} (choose from {', '.join(QTYPES)})") from None
     if t not in _FTYPE_OF:
         raise UnsupportedError(f"--qtype {qtype} is not supported by synth (choose from {', '.join(QTYPES)})")
-    return t, t, _FTYPE_OF[t]
+    return _Mix(t, t, t, t, _FTYPE_OF[t])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,13 +192,14 @@ class _Tensor:
     std: float  # 0 → a norm weight (ones)
 
 
-def _tensor_plan(arch: str, p: Preset, main: Q, down: Q) -> list[_Tensor]:
+def _tensor_plan(arch: str, p: Preset, mix: _Mix) -> list[_Tensor]:
     e, hd, ff = p.n_embd, p.head_dim, p.n_ff_exp
     qd, kvd = p.n_head * hd, p.n_head_kv * hd
 
     def mat(name: str, shape: tuple[int, ...], qtype: Q, std: float) -> _Tensor:
         return _Tensor(name, shape, _fit(qtype, shape[-1]), std)
 
+    main = mix.dense
     out = [mat("token_embd.weight", (p.n_vocab, e), main, 1.0)]
     for i in range(p.n_layer):
         b = f"blk.{i}."
@@ -200,11 +215,11 @@ def _tensor_plan(arch: str, p: Preset, main: Q, down: Q) -> list[_Tensor]:
         out += [
             _Tensor(b + "ffn_norm.weight", (e,), Q.F32, 0.0),
             _Tensor(b + "ffn_gate_inp.weight", (p.n_expert, e), Q.F32, 2.0 * e ** -0.5),
-            mat(b + "ffn_gate_exps.weight", (p.n_expert, ff, e), main, e ** -0.5),
-            mat(b + "ffn_up_exps.weight", (p.n_expert, ff, e), main, e ** -0.5),
-            mat(b + "ffn_down_exps.weight", (p.n_expert, e, ff), down, ff ** -0.5),
+            mat(b + "ffn_gate_exps.weight", (p.n_expert, ff, e), mix.experts, e ** -0.5),
+            mat(b + "ffn_up_exps.weight", (p.n_expert, ff, e), mix.experts, e ** -0.5),
+            mat(b + "ffn_down_exps.weight", (p.n_expert, e, ff), mix.down, ff ** -0.5),
         ]
-    out += [_Tensor("output_norm.weight", (e,), Q.F32, 0.0), mat("output.weight", (p.n_vocab, e), down, e ** -0.5)]
+    out += [_Tensor("output_norm.weight", (e,), Q.F32, 0.0), mat("output.weight", (p.n_vocab, e), mix.output, e ** -0.5)]
     return out
 
 
@@ -263,16 +278,16 @@ def synth(out: str | os.PathLike, arch: str = "qwen3moe", preset: str = "tiny", 
     if preset not in PRESETS:
         raise UnsupportedError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     p = replace(PRESETS[preset], **({"n_layer": layers} if layers else {}), **overrides)
-    main, down, ftype = _type_plan(qtype)
+    mix = _type_plan(qtype)
     out = Path(out)
-    tensors = _tensor_plan(arch, p, main, down)
+    tensors = _tensor_plan(arch, p, mix)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         w = GGUFWriter(tmp / out.name, arch, split_max_size=split_size)
-        _add_metadata(w, arch, p, ftype, f"synthetic {arch} {preset} {qtype}")
+        _add_metadata(w, arch, p, mix.ftype, f"synthetic {arch} {preset} {qtype}")
         for t in tensors:
             # a non-uint8 dtype tells gguf that the shape counts elements, not bytes
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quant.nbytes(t.qtype, t.shape), raw_dtype=t.qtype)

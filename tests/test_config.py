@@ -34,7 +34,9 @@ def test_missing_required_key_is_a_bad_file():
     with pytest.raises(BadFileError, match="qwen3moe.expert_feed_forward_length"):
         config_from_metadata({"general.architecture": "qwen3moe", "qwen3moe.embedding_length": 64,
                               "qwen3moe.attention.head_count": 4, "qwen3moe.expert_count": 8,
-                              "qwen3moe.expert_used_count": 2, "qwen3moe.block_count": 1})
+                              "qwen3moe.expert_used_count": 2, "qwen3moe.block_count": 1,
+                              "qwen3moe.context_length": 128, "qwen3moe.attention.layer_norm_rms_epsilon": 1e-6,
+                              "tokenizer.ggml.tokens": ["a", "b"]})
 
 
 @pytest.mark.parametrize("text,total,expected", [

@@ -42,6 +42,13 @@ def test_q4_k_m_is_llama_cpp_mix(make_model):
             assert t.qtype == Q.Q4_K, name
 
 
+def test_mxfp4_is_llama_cpp_mxfp4_moe_mix(make_model):
+    m = open_gguf(make_model("qwen3moe", "MXFP4"))
+    for name, t in m.tensors.items():
+        want = Q.F32 if ("norm" in name or "ffn_gate_inp" in name) else Q.MXFP4 if "_exps" in name else Q.Q8_0
+        assert t.qtype == want, name
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q2_K", "Q6_K", "IQ4_XS", "BF16", "MXFP4"])
 def test_weights_are_zero_mean_with_the_planned_scale(make_model, qtype):
     m = open_gguf(make_model("qwen3moe", qtype))

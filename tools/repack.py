@@ -2,7 +2,7 @@
 """Repack a MoE GGUF into an expert store (same as `flashmoe repack`)."""
 import sys
 
-from flashmoe_stream.cli import main
+from flashmoe_stream.io.repack import main
 
 if __name__ == "__main__":
-    sys.exit(main(["repack", *sys.argv[1:]]))
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Reader: whole-expert reads on a thread pool, O_DIRECT into 4096-aligned (optionally pinned) buffers.
+
+``submit(layer, expert)`` returns a ``concurrent.futures.Future`` whose result is an ``ExpertBlob``;
+a failed or short read raises from ``future.result()``, never hands back zeros. At most
+``queue_depth`` requests are outstanding: ``submit`` waits for a free slot (``block=False`` returns
+None instead). Files are opened with O_DIRECT; where the file system refuses it (EINVAL on open or
+read, e.g. tmpfs) the file is read buffered instead and that is logged once per Reader.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+from .store import ALIGN, ExpertBlob, ExpertLayout, ExpertStore, aligned_empty, short_read_error
+
+log = logging.getLogger(__name__)
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_MAX_IO = 64 << 20  # bytes per syscall (a multiple of 4096)
+
+
+class _Request:
+    __slots__ = ("layout", "future", "out")
+
+    def __init__(self, layout: ExpertLayout, future: Future, out):
+        self.layout, self.future, self.out = layout, future, out
+
+
+class Reader:
+    """Reads experts of ``store`` on ``threads`` threads, at most ``queue_depth`` requests outstanding.
+
+    ``device`` ("cuda", "xpu", a torch.device, or None): where the experts will go next; for cuda/xpu
+    the read buffers are pinned host memory where torch can pin (else plain aligned memory).
+    """
+
+    def __init__(self, store: ExpertStore | str | os.PathLike, threads: int = 8, queue_depth: int = 16,
+                 device: Any = None, direct: bool = True, verify: bool | None = None):
+        self.store = store if isinstance(store, ExpertStore) else ExpertStore(store)
+        if threads < 1 or queue_depth < 1:
+            raise ValueError("threads and queue_depth must be >= 1")
+        self.threads, self.queue_depth = threads, queue_depth
+        self.direct = direct and bool(_O_DIRECT)
+        self.verify = verify
+        self._pin = self._can_pin(device)
+        self._fds: dict[Path, tuple[int, bool]] = {}
+        self._fd_lock = threading.Lock()
+        self._stale: list[int] = []
+        self._warned = False
+        self._slots = threading.BoundedSemaphore(queue_depth)
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._workers = [threading.Thread(target=self._work, name=f"flashmoe-io-{i}", daemon=True)
+                         for i in range(threads)]
+        for w in self._workers:
+            w.start()
+
+    # --- buffers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _can_pin(device: Any) -> bool:
+        if device is None:
+            return False
+        kind = getattr(device, "type", str(device).split(":")[0])
+        if kind not in ("cuda", "xpu"):
+            return False
+        try:
+            import torch
+
+            return bool(torch.cuda.is_available() if kind == "cuda" else torch.xpu.is_available())
+        except Exception:  # noqa: BLE001 - no torch, no device: plain memory
+            return False
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """A 4096-aligned uint8 buffer of ``nbytes`` (pinned when the Reader was made for cuda/xpu)."""
+        if self._pin:
+            import torch
+
+            base = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True).numpy()
+            off = (-base.ctypes.data) % ALIGN
+            return base[off:off + nbytes]
+        return aligned_empty(nbytes)
+
+    # --- requests --------------------------------------------------------------------------
+
+    def submit(self, layer: int, expert: int, out=None, block: bool = True) -> Future | None:
+        """Queue a read of one expert; ``out``: a 4096-aligned writable buffer to read into (else one is made).
+
+        Waits while ``queue_depth`` requests are outstanding, or returns None at once with ``block=False``.
+        """
+        if self._closed:
+            raise StoreError("Reader is closed")
+        lay = self.store.layout(layer, expert)
+        if out is not None:
+            mv = memoryview(out)
+            if mv.nbytes < lay.buffer_nbytes:
+                raise ValueError(f"out buffer of {mv.nbytes} bytes; this expert needs {lay.buffer_nbytes}")
+            if isinstance(out, np.ndarray) and out.ctypes.data % ALIGN:
+                raise ValueError("out buffer is not 4096-aligned (use Reader.alloc)")
+        if not self._slots.acquire(blocking=block):
+            return None
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                self._slots.release()
+                raise StoreError("Reader is closed")
+            self._pending.add(fut)
+        fut.add_done_callback(self._done)
+        self._q.put(_Request(lay, fut, out))
+        return fut
+
+    def read(self, layer: int, expert: int) -> ExpertBlob:
+        """Submit and wait."""
+        return self.submit(layer, expert).result()  # type: ignore[union-attr]
+
+    def cancel(self, future: Future) -> bool:
+        """Cancel a request not yet started (True), or report it could not be (running or done: False)."""
+        return future.cancel()
+
+    def modes(self) -> dict[Path, str]:
+        """How each file opened so far is read: "direct" (O_DIRECT) or "buffered"."""
+        with self._fd_lock:
+            return {p: "direct" if d else "buffered" for p, (_, d) in self._fds.items()}
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _done(self, fut: Future) -> None:
+        with self._lock:
+            self._pending.discard(fut)
+        self._slots.release()
+
+    def _work(self) -> None:
+        while True:
+            req = self._q.get()
+            if req is None:
+                return
+            if not req.future.set_running_or_notify_cancel():
+                continue
+            try:
+                blob = self._read(req.layout, req.out)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                req.future.set_exception(e)
+            else:
+                req.future.set_result(blob)
+
+    # --- the reads -------------------------------------------------------------------------
+
+    def _open(self, path: Path, direct: bool) -> tuple[int, bool]:
+        with self._fd_lock:
+            got = self._fds.get(path)
+            if got is not None:
+                return got
+            fd = -1
+            if direct:
+                try:
+                    fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise self._open_error(path, e) from None
+                    self._fallback(path, "open")
+                    direct = False
+            if fd < 0:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise self._open_error(path, e) from None
+            self._fds[path] = (fd, direct)
+            return fd, direct
+
+    @staticmethod
+    def _open_error(path: Path, e: OSError) -> Exception:
+        if e.errno == errno.ENOENT:
+            return StoreError(f"{path}: missing: the store is incomplete; repack the model again")
+        return e
+
+    def _reopen_buffered(self, path: Path, fd: int) -> int:
+        with self._fd_lock:
+            cur = self._fds.get(path)
+            if cur is not None and cur[0] == fd and cur[1]:
+                self._fds[path] = (os.open(path, os.O_RDONLY), False)
+                # the old O_DIRECT fd may still be in use by another thread's read: close it at close()
+                self._stale.append(fd)
+            return self._fds[path][0]
+
+    def _fallback(self, path: Path, where: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("O_DIRECT refused on %s (%s): reading buffered from files there", path, where)
+
+    def _read(self, lay: ExpertLayout, out) -> ExpertBlob:
+        buf = out if out is not None else self.alloc(lay.buffer_nbytes)
+        view = memoryview(buf).cast("B")
+        for r in lay.ranges:
+            fd, direct = self._open(r.path, self.direct)
+            got = 0
+            while got < r.length:
+                n_ask = min(_MAX_IO, r.length - got)
+                try:
+                    n = os.preadv(fd, [view[r.buf_offset + got:r.buf_offset + got + n_ask]], r.offset + got)
+                except OSError as e:
+                    if e.errno == errno.EINVAL and direct:
+                        self._fallback(r.path, "read")
+                        fd, direct = self._reopen_buffered(r.path, fd), False
+                        continue
+                    raise
+                if n == 0:
+                    break
+                got += n
+                if direct and n % ALIGN:
+                    break  # O_DIRECT stops short only at end of file
+            if got < r.need:
+                raise short_read_error(r.path, r.offset, got, r.need)
+        return self.store.assemble(lay, buf, self.verify)
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for what has, stop the threads, close the files."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._pending)
+        for f in pending:
+            f.cancel()
+        for _ in self._workers:
+            self._q.put(None)
+        for w in self._workers:
+            w.join()
+        with self._fd_lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            for fd in self._stale:
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

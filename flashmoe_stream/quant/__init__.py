@@ -1,0 +1,65 @@
+"""ggml quantisation formats: sizes, dequantisation on any torch device, and random valid blocks.
+
+``dequantize`` is bit-identical to ``gguf.quants.dequantize`` (llama.cpp's reference dequantisers)
+for every type in ``SUPPORTED_TYPES``. ``random_blocks`` writes synthetic weights without quantising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import UnsupportedError
+from ._formats import DECODERS, as_qtype
+from ._random import random_blocks
+
+__all__ = ["SUPPORTED_TYPES", "block_size", "dequantize", "nbytes", "random_blocks"]
+
+SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(DECODERS)
+
+
+def _names(types) -> str:
+    return ", ".join(t.name for t in types)
+
+
+def block_size(qtype: GGMLQuantizationType) -> tuple[int, int]:
+    """(elements per block, bytes per block) of any ggml type gguf knows, supported or not."""
+    qtype = as_qtype(qtype)
+    if qtype not in GGML_QUANT_SIZES:
+        raise UnsupportedError(f"ggml type {qtype.name} has no known block size")
+    return GGML_QUANT_SIZES[qtype]
+
+
+def nbytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of ``shape`` (torch order: the last dimension is ggml's ne0, the row)."""
+    per_block, block_bytes = block_size(qtype)
+    row = shape[-1] if len(shape) else 1
+    if row % per_block:
+        raise ValueError(f"{GGMLQuantizationType(qtype).name} rows must be a multiple of {per_block} elements, "
+                         f"got shape {tuple(shape)}")
+    return prod(shape) // per_block * block_bytes
+
+
+def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[int],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode ``raw`` (the tensor's bytes, a 1-D uint8 tensor) into a new ``shape`` tensor of ``dtype``.
+
+    Runs on ``raw``'s device. The values are exactly gguf-py's (and llama.cpp's reference) float32
+    results, then cast to ``dtype``.
+    """
+    qtype = as_qtype(qtype)
+    decode = DECODERS.get(qtype)
+    if decode is None:
+        raise UnsupportedError(f"cannot dequantize ggml type {qtype.name}: supported types are "
+                               f"{_names(SUPPORTED_TYPES)}")
+    if raw.dtype != torch.uint8:
+        raise ValueError(f"raw bytes must be a uint8 tensor, got {raw.dtype}")
+    shape = tuple(int(s) for s in shape)
+    want = nbytes(qtype, shape)
+    if raw.numel() != want:
+        raise ValueError(f"{qtype.name} tensor of shape {shape} needs {want} bytes, got {raw.numel()}")
+    blocks = raw.reshape(-1, block_size(qtype)[1])
+    return decode(blocks).reshape(shape).to(dtype)
