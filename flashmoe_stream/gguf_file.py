@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderField
 
 from .errors import BadFileError
 
@@ -82,9 +84,74 @@ def shard_paths(path: str | os.PathLike) -> list[Path]:
     return paths
 
 
+class _StringArrayField(ReaderField):
+    """An array-of-strings metadata field decoded on demand (``offsets`` and ``lengths`` into ``parts[-1]``)."""
+
+    def contents(self, index_or_slice: int | slice = slice(None)) -> Any:
+        blob, offsets, lengths = self.parts[-1], self.data[0], self.data[1]
+        if isinstance(index_or_slice, int):
+            o = offsets[index_or_slice]
+            return blob[o: o + lengths[index_or_slice]].tobytes().decode("utf-8")
+        return [blob[o: o + n].tobytes().decode("utf-8")
+                for o, n in zip(offsets[index_or_slice], lengths[index_or_slice])]
+
+
+class _Reader(GGUFReader):
+    """gguf's reader with metadata arrays read as one block each instead of one numpy view per element.
+
+    A 150k-token vocabulary (plus as many merges) otherwise takes seconds to index; this keeps
+    opening any model at header speed. Everything else (tensor infos, scalars) is gguf's own code.
+    """
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        for _ in range(count):
+            orig_offs = offs
+            klen, kdata = self._get_str(offs)
+            offs += int(klen.nbytes + kdata.nbytes)
+            raw_type = self._get(offs, np.uint32)
+            offs += 4
+            name = kdata.tobytes().decode("utf-8")
+            head = [klen, kdata, raw_type]
+            if raw_type[0] == GGUFValueType.ARRAY:
+                itype, alen = self._get(offs, np.uint32), self._get(offs + 4, np.uint64)
+                offs += 12
+                n = int(alen[0])
+                if itype[0] == GGUFValueType.STRING:
+                    field, offs = self._string_array(orig_offs, name, head + [itype, alen], offs, n)
+                    self._push_field(field, skip_sum=True)
+                    continue
+                nptype = self.gguf_scalar_to_np.get(GGUFValueType(int(itype[0])))
+                if nptype is not None:
+                    arr = self._get(offs, nptype, n)
+                    offs += int(arr.nbytes)
+                    types = [GGUFValueType.ARRAY, GGUFValueType(int(itype[0]))]
+                    self._push_field(ReaderField(orig_offs, name, head + [itype, alen, arr], [5], types), skip_sum=True)
+                    continue
+                offs -= 12  # nested arrays: gguf's generic path
+            size, parts, idxs, types = self._get_field_parts(offs, int(raw_type[0]))
+            self._push_field(ReaderField(orig_offs, name, head + parts, [i + 3 for i in idxs], types), skip_sum=True)
+            offs += size
+        return offs
+
+    def _string_array(self, orig_offs: int, name: str, head: list, offs: int, n: int):
+        buf = memoryview(self.data)
+        order = "big" if (self.byte_order == "S") == (sys.byteorder == "little") else "little"
+        start = pos = offs
+        offsets, lengths = np.empty(n, np.int64), np.empty(n, np.int64)
+        for i in range(n):
+            length = int.from_bytes(buf[pos: pos + 8], order)
+            offsets[i], lengths[i] = pos + 8 - start, length
+            pos += 8 + length
+        if pos > len(buf):
+            raise ValueError(f"metadata array {name} runs past the end of the file")
+        blob = self.data[start:pos]
+        types = [GGUFValueType.ARRAY, GGUFValueType.STRING]
+        return _StringArrayField(orig_offs, name, head + [blob], [offsets, lengths], types), pos
+
+
 def _open_reader(path: Path) -> GGUFReader:
     try:
-        return GGUFReader(path, "r")
+        return _Reader(path, "r")
     except Exception as e:  # the reader raises ValueError, IndexError, ... on foreign or cut files
         size = path.stat().st_size
         raise BadFileError(f"{path}: not a readable GGUF file ({size} bytes; truncated or foreign: {e})") from None

@@ -24,6 +24,20 @@ def test_index_matches_the_readers_view_of_each_tensor(make_model):
         assert np.array_equal(m.tensor_bytes(t.name), t.data.reshape(-1).view(np.uint8))
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+def test_metadata_equals_gguf_readers(make_model, arch):
+    from gguf import GGUFReader
+
+    path = make_model(arch)
+    md = open_gguf(path).metadata
+    fields = {k: f for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+    assert set(md) == set(fields)
+    for key, field in fields.items():
+        got = md[key]
+        assert (got.tolist() if isinstance(got, np.ndarray) else got) == field.contents(), key
+    assert len(md["tokenizer.ggml.tokens"]) == 512 and md["tokenizer.ggml.tokens"][-1] == "<|im_end|>"
+
+
 def test_split_set_opens_from_any_shard_with_the_same_tensors(tmp_path):
     one = synth(tmp_path / "one.gguf", preset="tiny", qtype="Q8_0", seed=3).paths
     split = synth(tmp_path / "m.gguf", preset="tiny", qtype="Q8_0", seed=3, split_size=1 << 20).paths
