@@ -75,21 +75,27 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_repack(a: argparse.Namespace) -> int:
-    raise FlashMoeError("repack is not implemented yet: run the GGUF directly once the streaming runtime lands")
+    from .io import repack as repack_mod
+
+    return repack_mod.run(a)
 
 
-def cmd_bench(a: argparse.Namespace) -> int:
-    if a.what == "dequant":
-        from .quant.bench import bench_dequant
+def cmd_bench_io(a: argparse.Namespace) -> int:
+    from .io import bench
 
-        rows = bench_dequant(a.device, mib=a.mib)
-        if a.json:
-            print(json.dumps({"device": a.device, "results": rows}, indent=2))
-        else:
-            for r in rows:
-                print(f"{r['type']:>7}  {r['gb_per_s_in']:8.2f} GB/s in  {r['gb_per_s_out']:8.2f} GB/s out")
-        return 0
-    raise FlashMoeError(f"unknown benchmark {a.what!r}")
+    return bench.run(a)
+
+
+def cmd_bench_dequant(a: argparse.Namespace) -> int:
+    from .quant.bench import bench_dequant
+
+    rows = bench_dequant(a.device, mib=a.mib)
+    if a.json:
+        print(json.dumps({"device": a.device, "results": rows}, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['type']:>7}  {r['gb_per_s_in']:8.2f} GB/s in  {r['gb_per_s_out']:8.2f} GB/s out")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,17 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", default="demo", help="where the demo model lives (default: ./demo)")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("repack", help="turn a MoE GGUF into an expert store (not yet)")
-    s.add_argument("model", nargs="?")
-    s.add_argument("-o", "--output")
+    s = sub.add_parser("repack", help="turn a MoE GGUF into an expert store made for streaming",
+                       description="Write experts/<layer>/<expert>.bin (4 KiB-aligned blocks), dense.gguf and "
+                                   "manifest.json (written last). Streaming and resumable: rerun after a crash.")
+    from .io.repack import add_arguments as repack_arguments
+
+    repack_arguments(s)
     s.set_defaults(fn=cmd_repack)
 
-    s = sub.add_parser("bench", help="benchmarks, JSON with --json")
-    s.add_argument("what", choices=["dequant"], help="dequant: dequantisation throughput per ggml type")
+    bench = sub.add_parser("bench", help="benchmarks (JSON with --json)").add_subparsers(
+        dest="what", required=True, metavar="BENCH")
+    s = bench.add_parser("dequant", help="dequantisation throughput per ggml type")
     s.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default: cpu)")
     s.add_argument("--mib", type=int, default=64, help="MiB of quantised input per type (default: 64)")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_bench)
+    s.set_defaults(fn=cmd_bench_dequant)
+    s = bench.add_parser("io", help="random whole-expert reads at queue depths 1-32 beside the disk's raw "
+                                    "sequential O_DIRECT bandwidth, measured in the same run")
+    from .io.bench import add_arguments as bench_io_arguments
+
+    bench_io_arguments(s)
+    s.set_defaults(fn=cmd_bench_io)
     return p
 
 

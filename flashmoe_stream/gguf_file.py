@@ -188,6 +188,7 @@ class GGUFModel:
             expected = int(fields["split.tensors.count"].contents())
             if expected != len(self.tensors):
                 raise BadFileError(f"{self.paths[0]}: split set holds {len(self.tensors)} tensors, header says {expected}")
+        self.fields: dict[str, ReaderField] = fields  # typed gguf fields (to copy metadata with its value types)
         self.metadata: Mapping[str, Any] = _Metadata(fields)
         if "general.architecture" not in self.metadata:
             raise BadFileError(f"{self.paths[0]}: GGUF without general.architecture: not a model file")

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BadFileError, DiskFullError, FlashMoeError, ShortReadError, StoreError, UnsupportedError
@@ -322,13 +322,15 @@ class _ChunkReader:
         return False
 
     def _run(self) -> None:
-        fds: dict[Path, int] = {}
+        # one descriptor per (file, block name): each walks its tensor front to back, so the kernel's
+        # per-descriptor readahead sees sequential streams instead of three interleaved ones
+        fds: dict[tuple[Path, str], int] = {}
         try:
             for job in self._jobs:
                 for b in job.blocks:
-                    fd = fds.get(b.path)
+                    fd = fds.get((b.path, b.name))
                     if fd is None:
-                        fd = fds[b.path] = os.open(b.path, os.O_RDONLY)
+                        fd = fds[(b.path, b.name)] = os.open(b.path, os.O_RDONLY)
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     pos = 0
                     while pos < b.size:
@@ -429,8 +431,8 @@ def _write_expert(out: Path, job: _Job, src: _ChunkReader, cctx, bar, kill_mid: 
     return {"file": job.rel, "size": pos, "blocks": blocks}
 
 
-def _copy_kv(w: GGUFWriter, reader: GGUFReader) -> None:
-    for key, f in reader.fields.items():
+def _copy_kv(w: GGUFWriter, fields: dict[str, Any]) -> None:
+    for key, f in fields.items():
         if key.startswith(("GGUF.", "split.")) or key == "general.architecture":
             continue
         t = f.types
@@ -444,12 +446,12 @@ def _copy_kv(w: GGUFWriter, reader: GGUFReader) -> None:
         elif t[0] == GGUFValueType.ARRAY:
             if len(t) != 2:
                 raise UnsupportedError(f"metadata {key!r} is a nested array, which repack cannot copy yet")
-            if not f.data:
-                continue  # an empty array cannot be written by gguf (and carries nothing)
             if t[1] == GGUFValueType.STRING:
-                val: Any = [bytes(f.parts[i]) for i in f.data]
+                val: Any = f.contents()
             else:
-                val = [x for i in f.data for x in f.parts[i].tolist()]
+                val = [x for i in f.data for x in np.asarray(f.parts[i]).reshape(-1).tolist()]
+            if not val:
+                continue  # an empty array cannot be written by gguf (and carries nothing)
             w.add_key_value(key, val, GGUFValueType.ARRAY, sub_type=t[1])
         else:
             w.add_key_value(key, f.contents(), t[0])
@@ -460,7 +462,7 @@ def _write_dense(out: Path, model, dense: list, bar) -> dict:
     final = out / DENSE
     tmp = out / (DENSE + ".tmp")
     w = GGUFWriter(tmp, model.arch)
-    _copy_kv(w, GGUFReader(model.paths[0], "r"))
+    _copy_kv(w, model.fields)
     for t in dense:
         w.add_tensor_info(t.name, t.shape, _F32, t.nbytes, raw_dtype=t.qtype)
     w.write_header_to_file()
@@ -522,7 +524,9 @@ def repack(src: str | os.PathLike, out_dir: str | os.PathLike, compress: str | N
     if compress not in (None, *CODECS):
         raise UnsupportedError(f"unknown --compress {compress!r} (choose from {', '.join(CODECS)})")
     out = Path(out_dir)
+    t_open = time.perf_counter()
     model = open_gguf(src)
+    log.info("read the GGUF header of %s in %.2f s", model.paths[0].name, time.perf_counter() - t_open)
     jobs, dense, n_expert = _plan(model)
     config = model.config.as_dict()
     fp = _fingerprint(model, compress)
@@ -563,8 +567,11 @@ def repack(src: str | os.PathLike, out_dir: str | os.PathLike, compress: str | N
     try:
         try:
             if dense_rec is None:
+                t1 = time.perf_counter()
                 dense_rec = _write_dense(out, model, dense, bar)
                 journal.add({"dense": dense_rec})
+                log.info("wrote %s (%d bytes) in %.2f s", DENSE, dense_rec["size"], time.perf_counter() - t1)
+            t1 = time.perf_counter()
             for layer in sorted({j.layer for j in todo}):
                 (out / "experts" / str(layer)).mkdir(parents=True, exist_ok=True)
             reader = _ChunkReader(todo)
@@ -584,7 +591,9 @@ def repack(src: str | os.PathLike, out_dir: str | os.PathLike, compress: str | N
             bar.close()
             journal.close()
 
+        log.info("wrote %d experts in %.2f s", len(todo), time.perf_counter() - t1)
         # make everything durable, then (and only then) the manifest
+        t1 = time.perf_counter()
         try:
             files = [out / r["file"] for r in done.values()] + [out / DENSE]
             with ThreadPoolExecutor(8) as ex:
@@ -616,6 +625,7 @@ def repack(src: str | os.PathLike, out_dir: str | os.PathLike, compress: str | N
                 raise _disk_full(out) from None
             raise
         (out / JOURNAL).unlink(missing_ok=True)
+        log.info("fsync and manifest in %.2f s", time.perf_counter() - t1)
     except KeyboardInterrupt:
         log.warning("interrupted: rerun the same command to resume")
         raise

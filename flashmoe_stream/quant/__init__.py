@@ -61,5 +61,7 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[i
     want = nbytes(qtype, shape)
     if raw.numel() != want:
         raise ValueError(f"{qtype.name} tensor of shape {shape} needs {want} bytes, got {raw.numel()}")
+    if raw.storage_offset() % 4:  # float views of the bytes need aligned storage
+        raw = raw.clone()
     blocks = raw.reshape(-1, block_size(qtype)[1])
     return decode(blocks).reshape(shape).to(dtype)

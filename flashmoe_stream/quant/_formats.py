@@ -20,6 +20,7 @@ from ..errors import UnsupportedError
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 FP4_VALUES_X2 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
+
 def as_qtype(qtype) -> Q:
     """``qtype`` (a GGMLQuantizationType or its number) as the enum; UnsupportedError if gguf does not know it."""
     try:
@@ -54,11 +55,17 @@ def _fields(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 field at byte ``at`` of every block, widened to float32, as ``[n_blocks, 1]``."""
-    return b[:, at:at + 2].contiguous().view(torch.float16).float()
+    return b[:, at:at + 2].clone(memory_format=torch.contiguous_format).view(torch.float16).float()
 
 
 def _lookup(table: str, q: torch.Tensor) -> torch.Tensor:
-    return _const(table, 0, q.device)[q.long()]
+    """The float32 table entries at the small integers ``q``."""
+    return _const(table, 0, q.device).index_select(0, q.reshape(-1).int()).view(q.shape)
+
+
+def _scaled(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float(q) * scale, as one new float32 tensor (q's shape; scale broadcasts)."""
+    return q.float().mul_(scale)
 
 
 def _signed(q: torch.Tensor, offset: int) -> torch.Tensor:
@@ -74,23 +81,24 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-# Quants stay integers (uint8/int8) until one mixed-dtype multiply by the float32 scale makes the
-# output; offsets (mins) are then subtracted in place. float(q) * d is exactly what ggml computes.
+# Quants stay small integers (uint8/int8) until they are widened once into the float32 output, which is
+# then scaled and offset in place: one large allocation per call (fresh pages are costly on CPU).
+# float(q) * d is bitwise d * float(q): IEEE multiplication is commutative.
 
 # --- legacy 32-element blocks -------------------------------------------------------------------
 
 def q8_0(b):
-    return b[:, 2:].view(torch.int8) * _f16(b, 0)
+    return _scaled(b[:, 2:].view(torch.int8), _f16(b, 0))
 
 
 def q4_0(b):
     q = _fields(b[:, 2:], 4, 1).flatten(1)
-    return _f16(b, 0) * _signed(q, 8)
+    return _scaled(_signed(q, 8), _f16(b, 0))
 
 
 def q4_1(b):
     q = _fields(b[:, 4:], 4, 1).flatten(1)
-    return (_f16(b, 0) * q).add_(_f16(b, 2))
+    return _scaled(q, _f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5(b, at):
@@ -100,11 +108,11 @@ def _q5(b, at):
 
 
 def q5_0(b):
-    return _f16(b, 0) * _signed(_q5(b, 2), 16)
+    return _scaled(_signed(_q5(b, 2), 16), _f16(b, 0))
 
 
 def q5_1(b):
-    return (_f16(b, 0) * _q5(b, 4)).add_(_f16(b, 2))
+    return _scaled(_q5(b, 4), _f16(b, 0)).add_(_f16(b, 2))
 
 
 def iq4_nl(b):
@@ -127,7 +135,7 @@ def q2_k(b):
     dl = (_f16(b, 80) * (s & 15)).view(n, 16, 1)
     ml = (_f16(b, 82) * (s >> 4)).view(n, 16, 1)
     q = _fields(b[:, 16:80].view(n, 2, 32), 2, 2).view(n, 16, 16)
-    return (dl * q).sub_(ml)
+    return _scaled(q, dl).sub_(ml)
 
 
 def q3_k(b):
@@ -138,7 +146,7 @@ def q3_k(b):
     ql = _fields(b[:, 32:96].view(n, 2, 32), 2, 2).view(n, 16, 16)
     hm = _fields(b[:, 0:32], 1, 1).view(n, 16, 16)
     q = ql.view(torch.int8) - ((hm ^ 1) << 2).view(torch.int8)  # a clear hmask bit subtracts 4
-    return dl * q
+    return _scaled(q, dl)
 
 
 def q4_k(b):
@@ -147,7 +155,7 @@ def q4_k(b):
     d = (_f16(b, 0) * sc).view(n, 8, 1)
     dm = (_f16(b, 2) * mn).view(n, 8, 1)
     q = _fields(b[:, 16:144].view(n, 4, 32), 4, 2).view(n, 8, 32)
-    return (d * q).sub_(dm)
+    return _scaled(q, d).sub_(dm)
 
 
 def q5_k(b):
@@ -157,7 +165,7 @@ def q5_k(b):
     dm = (_f16(b, 2) * mn).view(n, 8, 1)
     ql = _fields(b[:, 48:176].view(n, 4, 32), 4, 2).view(n, 8, 32)
     qh = _fields(b[:, 16:48], 1, 1)
-    return (d * ql.bitwise_or_(qh << 4)).sub_(dm)
+    return _scaled(ql.bitwise_or_(qh << 4), d).sub_(dm)
 
 
 def q6_k(b):
@@ -166,7 +174,7 @@ def q6_k(b):
     ql = _fields(b[:, 0:128].view(n, 2, 64), 4, 2).view(n, 8, 32)
     qh = _fields(b[:, 128:192].view(n, 2, 32), 2, 2).view(n, 8, 32)
     q = _signed(ql.bitwise_or_(qh << 4), 32)
-    return d * q.view(n, 16, 16)
+    return _scaled(q.view(n, 16, 16), d)
 
 
 def iq4_xs(b):
@@ -189,7 +197,7 @@ def f16(b):
 
 
 def bf16(b):
-    return (b.view(torch.int16).int() << 16).view(torch.float32)
+    return b.view(torch.bfloat16).float()  # exact: bf16 is the high half of a float32
 
 
 DECODERS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {

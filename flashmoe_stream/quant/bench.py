@@ -50,17 +50,38 @@ def bench_dequant(device: str, mib: int = 64, repeat: int = 5) -> list[dict]:
     return rows
 
 
+def bench_random_blocks(mib: int = 256, repeat: int = 3) -> list[dict]:
+    """For each supported type: the best of ``repeat`` times to make ``mib`` MiB of ``random_blocks`` (numpy, one thread)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for qtype in SUPPORTED_TYPES:
+        per_block, block_bytes = block_size(qtype)
+        n = max(1, (mib << 20) // block_bytes // 256) * 256 * per_block
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = random_blocks(qtype, n, 0.02, rng)
+            times.append(time.perf_counter() - t0)
+        rows.append({"type": qtype.name, "mib_out": round(out.nbytes / 2**20, 2), "ms": round(min(times) * 1e3, 3),
+                     "gb_per_s": out.nbytes / min(times) / 1e9})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--mib", type=int, default=64, help="MiB of quantised input per type")
+    p.add_argument("--mib", type=int, default=64, help="MiB of quantised input (or output, --random-blocks) per type")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--random-blocks", action="store_true", help="time random_blocks (CPU, numpy) instead")
     a = p.parse_args(argv)
-    rows = bench_dequant(a.device, mib=a.mib, repeat=a.repeat)
-    json.dump({"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "results": rows}, sys.stdout, indent=2)
+    if a.random_blocks:
+        info = {"device": "cpu (numpy, one thread)", "results": bench_random_blocks(a.mib, a.repeat)}
+    else:
+        info = {"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "results": bench_dequant(a.device, mib=a.mib, repeat=a.repeat)}
+    json.dump(info, sys.stdout, indent=2)
     print()
     return 0
 

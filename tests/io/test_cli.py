@@ -1,7 +1,6 @@
 """User errors through tools/repack.py: one line on stderr, exit != 0, no traceback, nothing that looks valid."""
 
 import importlib
-import shutil
 import subprocess
 
 import numpy as np
@@ -52,7 +51,7 @@ def test_unsupported_expert_type(make_model, tmp_path):
     src = open_gguf(make_model("qwen3moe", "Q8_0"))
     path = tmp_path / "iq2.gguf"
     w = GGUFWriter(path, src.arch)
-    R._copy_kv(w, GGUFReader(src.paths[0]))
+    R._copy_kv(w, GGUFReader(src.paths[0]).fields)
     per, size = GGML_QUANT_SIZES[Q.IQ2_XXS]
     for layer in range(src.config.n_layer):
         for p in ("gate", "up", "down"):

@@ -11,7 +11,7 @@ from flashmoe_stream.io import ExpertStore, StoreError, repack, verify
 from flashmoe_stream.model_info import expert_tensor_layer
 from flashmoe_stream.synth import synth
 
-from .conftest import assert_one_line_error, run_repack
+from .conftest import run_repack
 
 R = importlib.import_module("flashmoe_stream.io.repack")  # the module (flashmoe_stream.io.repack is the function)
 
@@ -209,7 +209,7 @@ def test_bias_tensors_of_experts_go_into_the_expert_files(tmp_path, make_model):
     src = open_gguf(make_model("qwen3moe", "Q8_0"))
     path = tmp_path / "bias.gguf"
     w = GGUFWriter(path, src.arch)
-    R._copy_kv(w, GGUFReader(src.paths[0]))
+    R._copy_kv(w, GGUFReader(src.paths[0]).fields)
     rng = np.random.default_rng(0)
     extra = {}
     for layer in range(src.config.n_layer):
