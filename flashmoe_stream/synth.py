@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import shutil
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -233,22 +231,25 @@ def _fit(qtype: Q, row: int) -> Q:
     return Q.F32
 
 
-def _chunks(t: _Tensor, seed: int, index: int, chunk_bytes: int):
-    """The tensor's bytes, generated in pieces of about ``chunk_bytes``."""
-    rng = np.random.default_rng([seed, index])
+def _chunk_jobs(t: _Tensor, seed: int, index: int, chunk_bytes: int):
+    """Functions that each make one piece (about ``chunk_bytes``) of the tensor's bytes.
+
+    Each piece has its own random stream (seed, tensor, piece), so pieces can be made in parallel
+    and the file is the same whatever the order they are made in.
+    """
     if t.std == 0.0:
-        yield np.ones(t.shape, np.float32).view(np.uint8).reshape(-1)
-        return
+        return [lambda: np.ones(t.shape, np.float32).view(np.uint8).reshape(-1)]
+    if t.qtype == Q.F32:
+        rng = np.random.default_rng([seed, index])
+        return [lambda: rng.normal(0.0, t.std, size=t.shape).astype(np.float32).view(np.uint8).reshape(-1)]
     row = t.shape[-1]
     n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
-    if t.qtype == Q.F32:
-        yield rng.normal(0.0, t.std, size=t.shape).astype(np.float32).view(np.uint8).reshape(-1)
-        return
-    row_bytes = quant.nbytes(t.qtype, (row,))
-    step = max(1, chunk_bytes // row_bytes)
-    for start in range(0, n_rows, step):
-        rows = min(step, n_rows - start)
-        yield quant.random_blocks(t.qtype, rows * row, t.std, rng)
+    step = max(1, chunk_bytes // quant.nbytes(t.qtype, (row,)))
+
+    def job(no: int, rows: int):
+        return lambda: quant.random_blocks(t.qtype, rows * row, t.std, np.random.default_rng([seed, index, no]))
+
+    return [job(no, min(step, n_rows - start)) for no, start in enumerate(range(0, n_rows, step))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,45 +339,40 @@ def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, nam
 
 
 def _write_data(w: GGUFWriter, plan: dict[str, tuple[int, _Tensor]], seed: int, total: int, progress: bool) -> None:
-    """Generate on this thread, write on another, so the disk and the generator overlap."""
+    """Make pieces on a thread pool (numpy releases the GIL) while this thread writes them in order."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    q: queue.Queue = queue.Queue(maxsize=3)
-    error: list[BaseException] = []
-
-    def writer() -> None:
-        try:
-            while (item := q.get()) is not None:
-                f, data = item
-                f.write(data)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the generating thread
-            error.append(e)
-            while q.get() is not None:
-                pass
-
-    th = threading.Thread(target=writer, name="synth-writer", daemon=True)
-    th.start()
     align = w.data_alignment
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress)
-    try:
-        for f, shard in zip(w.fout, w.tensors):
-            pos = f.tell()
-            for name in shard:
-                index, t = plan[name]
-                q.put((f, b"\0" * (-pos % align)))
-                pos += -pos % align
-                for data in _chunks(t, seed, index, 32 << 20):
-                    if error:
-                        raise error[0]
-                    q.put((f, data))
-                    pos += data.nbytes
-                    bar.update(data.nbytes)
-    finally:
-        q.put(None)
-        th.join()
-        bar.close()
-    if error:
-        raise error[0]
+    jobs = []  # (file, padding before, job) in file order
+    for f, shard in zip(w.fout, w.tensors):
+        pos = f.tell()
+        for name in shard:
+            index, t = plan[name]
+            pad = -pos % align
+            for k, job in enumerate(_chunk_jobs(t, seed, index, 16 << 20)):
+                jobs.append((f, pad if k == 0 else 0, job))
+            pos += pad + quant.nbytes(t.qtype, t.shape)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="synth") as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress) as bar:
+        ahead: deque = deque()
+        it = iter(jobs)
+        for f, pad, job in it:
+            ahead.append((f, pad, pool.submit(job)))
+            if len(ahead) >= 2 * workers:
+                break
+        while ahead:
+            f, pad, fut = ahead.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                ahead.append((nxt[0], nxt[1], pool.submit(nxt[2])))
+            data = fut.result()
+            f.write(b"\0" * pad)
+            f.write(data)
+            bar.update(data.nbytes)
 
 
 def _fsync_dir(path: Path) -> None:

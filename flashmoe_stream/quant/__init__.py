@@ -38,7 +38,7 @@ def nbytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
     per_block, block_bytes = block_size(qtype)
     row = shape[-1] if len(shape) else 1
     if row % per_block:
-        raise ValueError(f"{GGMLQuantizationType(qtype).name} rows must be a multiple of {per_block} elements, "
+        raise ValueError(f"{as_qtype(qtype).name} rows must be a multiple of {per_block} elements, "
                          f"got shape {tuple(shape)}")
     return prod(shape) // per_block * block_bytes
 

@@ -64,8 +64,14 @@ def _lookup(table: str, q: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float(q) * scale, as one new float32 tensor (q's shape; scale broadcasts)."""
-    return q.float().mul_(scale)
+    """float(q) * scale, as one new float32 tensor (q's shape; scale broadcasts).
+
+    GPUs cast inside the multiply kernel (one pass); on CPU a mixed-dtype multiply is slower than
+    widening first and multiplying in place.
+    """
+    if q.device.type == "cpu":
+        return q.float().mul_(scale)
+    return q * scale
 
 
 def _signed(q: torch.Tensor, offset: int) -> torch.Tensor:
@@ -81,8 +87,8 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-# Quants stay small integers (uint8/int8) until they are widened once into the float32 output, which is
-# then scaled and offset in place: one large allocation per call (fresh pages are costly on CPU).
+# Quants stay small integers (uint8/int8) until one multiply by the float32 scales makes the output,
+# which is then offset in place: one large float allocation per call (fresh pages are costly on CPU).
 # float(q) * d is bitwise d * float(q): IEEE multiplication is commutative.
 
 # --- legacy 32-element blocks -------------------------------------------------------------------

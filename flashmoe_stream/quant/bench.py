@@ -51,7 +51,10 @@ def bench_dequant(device: str, mib: int = 64, repeat: int = 5) -> list[dict]:
 
 
 def bench_random_blocks(mib: int = 256, repeat: int = 3) -> list[dict]:
-    """For each supported type: the best of ``repeat`` times to make ``mib`` MiB of ``random_blocks`` (numpy, one thread)."""
+    """For each supported type: the best of ``repeat`` times to make ``mib`` MiB of ``random_blocks``.
+
+    Runs numpy on one thread; gb_per_s counts the bytes made.
+    """
     rng = np.random.default_rng(0)
     rows = []
     for qtype in SUPPORTED_TYPES:
