@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFWriter, LlamaFileType, TokenType
 
 from . import quant
+from .io.writer import AppendWriter
 from .errors import UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -297,12 +298,13 @@ def synth(out: str | os.PathLike, arch: str = "qwen3moe", preset: str = "tiny", 
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        _write_data(w, {t.name: (i, t) for i, t in enumerate(tensors)}, seed, total, progress)
         files = [Path(f.name) for f in w.fout]
-        for f in w.fout:
+        starts = []
+        for f in w.fout:  # gguf wrote the headers; the data goes through our page-aligned writer
             f.flush()
-            os.fsync(f.fileno())
+            starts.append(f.tell())
             f.close()
+        _write_data(files, starts, w, {t.name: (i, t) for i, t in enumerate(tensors)}, seed, total, progress)
         seconds = time.perf_counter() - t0
         finals = [out.parent / f.name for f in files]
         for f, final in reversed(list(zip(files, finals))):  # the first shard appears last
@@ -338,17 +340,20 @@ def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, nam
     _add_tokenizer(w, arch, p.n_vocab)
 
 
-def _write_data(w: GGUFWriter, plan: dict[str, tuple[int, _Tensor]], seed: int, total: int, progress: bool) -> None:
+def _write_data(files: list[Path], starts: list[int], w: GGUFWriter, plan: dict[str, tuple[int, _Tensor]],
+                seed: int, total: int, progress: bool) -> None:
     """Make pieces on a thread pool (numpy releases the GIL) while this thread writes them in order."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
 
     from tqdm import tqdm
 
     align = w.data_alignment
     jobs = []  # (file, padding before, job) in file order
-    for f, shard in zip(w.fout, w.tensors):
-        pos = f.tell()
+    stack = ExitStack()
+    for path, pos, shard in zip(files, starts, w.tensors):
+        f = stack.enter_context(AppendWriter(path, pos))
         for name in shard:
             index, t = plan[name]
             pad = -pos % align
@@ -356,7 +361,7 @@ def _write_data(w: GGUFWriter, plan: dict[str, tuple[int, _Tensor]], seed: int, 
                 jobs.append((f, pad if k == 0 else 0, job))
             pos += pad + quant.nbytes(t.qtype, t.shape)
     workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="synth") as pool, \
+    with stack, ThreadPoolExecutor(workers, thread_name_prefix="synth") as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress) as bar:
         ahead: deque = deque()
         it = iter(jobs)
