@@ -75,15 +75,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_repack(a: argparse.Namespace) -> int:
-    from .io import repack as repack_mod
+    from .io.repack import run  # (the io door's `repack` is the function, not this module)
 
-    return repack_mod.run(a)
+    return run(a)
 
 
 def cmd_bench_io(a: argparse.Namespace) -> int:
-    from .io import bench
+    from .io.bench import run
 
-    return bench.run(a)
+    return run(a)
 
 
 def cmd_bench_dequant(a: argparse.Namespace) -> int:

@@ -74,3 +74,15 @@ def test_help_explains_commands():
 def test_bad_split_size_is_usage_error(tmp_path):
     r = run("synth", "-o", tmp_path / "x.gguf", "--split-size", "lots")
     assert r.returncode == 2 and "not understood" in r.stderr
+
+
+def test_repack_verify_and_bench_io_through_the_main_cli(make_model, tmp_path):
+    store = tmp_path / "store"
+    r = run("repack", make_model("llama", "Q4_K_M"), "-o", store, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["experts"] == PRESETS["tiny"].n_layer * PRESETS["tiny"].n_expert
+    r = run("repack", "--verify", store)
+    assert r.returncode == 0 and "every checksum matches" in r.stdout
+    r = run("bench", "io", store, "--queue-depths", "1,4", "--seconds", "0.2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [d["queue_depth"] for d in json.loads(r.stdout)["depths"]] == [1, 4]

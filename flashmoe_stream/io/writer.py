@@ -32,11 +32,13 @@ def _write_all(fd: int, data, offset: int) -> None:
 class AppendWriter:
     """Appends to ``path`` from byte ``start`` on (what is before ``start`` is kept as it is).
 
-    ``write(data)`` takes any buffer; ``close()`` flushes, sets the exact length and fsyncs.
+    ``write(data)`` takes any buffer; ``close()`` flushes, sets the exact length and fsyncs (unless
+    ``fsync=False``, for callers that fsync many files together later).
     """
 
-    def __init__(self, path: str | os.PathLike, start: int, buffer_bytes: int = 16 << 20):
+    def __init__(self, path: str | os.PathLike, start: int, buffer_bytes: int = 16 << 20, fsync: bool = True):
         self.path = Path(path)
+        self._fsync = fsync
         self.size = start  # bytes in the file once everything given so far is written
         self._direct = bool(_O_DIRECT)
         self._fd = -1
@@ -101,13 +103,23 @@ class AppendWriter:
                 self._buf[self._fill: whole] = 0
                 self._flush(whole)
             os.ftruncate(self._fd, self.size)
-            os.fsync(self._fd)
+            if self._fsync:
+                os.fsync(self._fd)
         finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        """Close without writing what is still buffered (after an error; the caller removes the file)."""
+        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     def __enter__(self) -> "AppendWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
