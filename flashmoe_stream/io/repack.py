@@ -49,8 +49,8 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BadFileError, DiskFullError, FlashMoeError, ShortReadError, StoreError, UnsupportedError
 from .store import (ALIGN, BLOCK_ORDER, DENSE, FORMAT_NAME, FORMAT_VERSION, JOURNAL, MANIFEST, ExpertStore,
-                    align_up, expert_block_of)
-from .writer import AppendWriter
+                    align_up, aligned_empty, expert_block_of)
+from .writer import _O_DIRECT, AppendWriter
 
 log = logging.getLogger(__name__)
 
@@ -303,11 +303,43 @@ class _Journal:
 # Source reading on a thread
 
 
+def _open_direct(path: Path) -> int:
+    if _O_DIRECT:
+        try:
+            return os.open(path, os.O_RDONLY | _O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, os.O_RDONLY)
+
+
+def _pread_aligned(fd: int, buf: np.ndarray, offset: int, n: int) -> memoryview:
+    """``n`` bytes at ``offset``, read as the page-aligned range around them into ``buf``."""
+    start = offset - offset % ALIGN
+    length = align_up(offset + n) - start
+    try:
+        got = os.preadv(fd, [buf[:length]], start)
+    except OSError as e:  # O_DIRECT refused for this read: plain read of just the bytes
+        if e.errno != errno.EINVAL:
+            raise
+        got = os.preadv(fd, [buf[: n]], offset)
+        return memoryview(buf)[: min(got, n)]
+    head = offset - start
+    return memoryview(buf)[head: head + max(0, min(got - head, n))]
+
+
 class _ChunkReader:
-    """Reads the jobs' source bytes in order, in chunks of at most CHUNK, on a thread; bounded queue."""
+    """Reads the jobs' source bytes in order, in chunks of at most CHUNK, on a thread; bounded queue.
+
+    Reads are O_DIRECT (page-aligned ranges into a ring of reused aligned buffers; no page cache, no
+    fresh allocations) where the file system allows, else buffered. A chunk handed out stays valid
+    until ``depth`` more chunks have been taken: copy it to keep it longer.
+    """
 
     def __init__(self, jobs: list[_Job], depth: int = 8):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
+        # queued (depth) + held by the consumer (1) + being filled (1)
+        self._ring = [aligned_empty(CHUNK + 2 * ALIGN) for _ in range(depth + 2)]
         self._stop = threading.Event()
         self._jobs = jobs
         self._th = threading.Thread(target=self._run, name="repack-reader", daemon=True)
@@ -327,19 +359,22 @@ class _ChunkReader:
         # per-descriptor readahead sees sequential streams instead of three interleaved ones
         fds: dict[tuple[Path, str], int] = {}
         try:
+            turn = 0
             for job in self._jobs:
                 for b in job.blocks:
                     fd = fds.get((b.path, b.name))
                     if fd is None:
-                        fd = fds[(b.path, b.name)] = os.open(b.path, os.O_RDONLY)
+                        fd = fds[(b.path, b.name)] = _open_direct(b.path)
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     pos = 0
                     while pos < b.size:
                         n = min(CHUNK, b.size - pos)
-                        data = os.pread(fd, n, b.offset + pos)
-                        if len(data) != n:
-                            raise ShortReadError(f"{b.path}: short read at byte {b.offset + pos} ({len(data)} of {n} "
-                                                 f"bytes): the file was truncated or changed during the repack")
+                        buf = self._ring[turn % len(self._ring)]
+                        turn += 1
+                        data = _pread_aligned(fd, buf, b.offset + pos, n)
+                        if data.nbytes != n:
+                            raise ShortReadError(f"{b.path}: short read at byte {b.offset + pos} ({data.nbytes} of "
+                                                 f"{n} bytes): the file was truncated or changed during the repack")
                         if not self._put(data):
                             return
                         pos += n
@@ -402,7 +437,7 @@ def _write_expert(out: Path, job: _Job, src: _ChunkReader, cctx, bar, kill_mid: 
                 cobj = cctx.compressobj(size=b.size)
                 while got < b.size:
                     chunk = src.get()
-                    raw.append(chunk)
+                    raw.append(bytes(chunk))  # the reader reuses its buffers
                     comp.append(cobj.compress(chunk))
                     got += len(chunk)
                     bar.update(len(chunk))
