@@ -47,9 +47,9 @@ import xxhash
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
-from ..errors import BadFileError, DiskFullError, FlashMoeError, ShortReadError, StoreError, UnsupportedError
-from .store import (ALIGN, BLOCK_ORDER, DENSE, FORMAT_NAME, FORMAT_VERSION, JOURNAL, MANIFEST, ExpertStore,
-                    align_up, aligned_empty, expert_block_of)
+from ..errors import DiskFullError, FlashMoeError, ShortReadError, StoreError, UnsupportedError
+from .store import (ALIGN, DENSE, FORMAT_NAME, FORMAT_VERSION, JOURNAL, MANIFEST, ExpertStore,
+                    ExpertSlice, align_up, aligned_empty, gguf_experts)
 from .writer import _O_DIRECT, AppendWriter
 
 log = logging.getLogger(__name__)
@@ -63,20 +63,10 @@ _F32 = np.dtype(np.float32)  # with raw_dtype, tells gguf the shape counts eleme
 
 
 @dataclass(frozen=True)
-class _SrcBlock:
-    name: str
-    path: Path
-    offset: int  # absolute offset of this expert's slice in the shard
-    size: int
-    qtype: GGMLQuantizationType
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class _Job:
     layer: int
     expert: int
-    blocks: tuple[_SrcBlock, ...]
+    blocks: tuple[ExpertSlice, ...]
 
     @property
     def rel(self) -> str:
@@ -100,45 +90,15 @@ def _supported(qtype: GGMLQuantizationType) -> bool:
 
 def _plan(model) -> tuple[list[_Job], list[Any], int]:
     """(expert jobs in layer, expert order; dense TensorInfos in file order; n_expert)."""
-    per_layer: dict[int, dict[str, Any]] = {}
-    dense = []
-    for t in model.tensors.values():
-        hit = expert_block_of(t.name)
-        if hit is None:
-            dense.append(t)
-        else:
-            per_layer.setdefault(hit[0], {})[hit[1]] = t
-    src = model.paths[0]
-    if not per_layer:
-        raise UnsupportedError(f"{src}: no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
-                               f"nothing to repack; flashmoe-stream streams the experts of MoE models only")
-    n_expert = None
-    jobs: list[_Job] = []
-    for layer, tensors in sorted(per_layer.items()):
-        missing = [p for p in ("gate", "up", "down") if p not in tensors]
-        if missing:
-            raise BadFileError(f"{src}: layer {layer} has expert tensors but lacks "
-                               f"{', '.join(f'blk.{layer}.ffn_{p}_exps.weight' for p in missing)}")
-        names = [n for n in BLOCK_ORDER if n in tensors]
-        for n in names:
-            t = tensors[n]
-            if not _supported(t.qtype):
-                raise UnsupportedError(f"{src}: {t.name} has ggml type {t.qtype.name}, which flashmoe-stream cannot "
-                                       f"run: requantise the model to a supported type (e.g. Q4_K_M, Q8_0, BF16)")
-            e = t.shape[0] if len(t.shape) >= 2 else 0
-            if n_expert is None:
-                n_expert = e
-            if e < 1 or e != n_expert or t.nbytes % e:
-                raise BadFileError(f"{src}: {t.name} (shape {list(t.shape)}, {t.nbytes} bytes) does not split into "
-                                   f"{n_expert} equal experts")
-        for x in range(n_expert):
-            blocks = []
-            for n in names:
-                t = tensors[n]
-                size = t.nbytes // n_expert
-                blocks.append(_SrcBlock(n, t.path, t.offset + x * size, size, t.qtype, tuple(t.shape[1:])))
-            jobs.append(_Job(layer, x, tuple(blocks)))
-    return jobs, dense, int(n_expert)
+    experts, dense, n_expert = gguf_experts(model)
+    for blocks in (b for layer in experts.values() for b in layer[:1]):
+        for sl in blocks:
+            if not _supported(sl.qtype):
+                raise UnsupportedError(f"{model.paths[0]}: {sl.name} experts have ggml type {sl.qtype.name}, which "
+                                       f"flashmoe-stream cannot run: requantise the model to a supported type "
+                                       f"(e.g. Q4_K_M, Q8_0, BF16)")
+    jobs = [_Job(layer, x, blocks) for layer, layer_experts in experts.items() for x, blocks in enumerate(layer_experts)]
+    return jobs, dense, n_expert
 
 
 def _fingerprint(model, compress: str | None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import numpy as np
 import xxhash
 from gguf import GGMLQuantizationType
 
-from ..errors import BadFileError, ChecksumError, ShortReadError, StoreError
+from ..errors import BadFileError, ChecksumError, ShortReadError, StoreError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,61 @@ def align_down(x: int) -> int:
 
 def align_up(x: int) -> int:
     return -(-x // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """One block (gate, up, down, …) of one expert inside a GGUF: the expert's contiguous slice."""
+
+    name: str
+    path: Path
+    offset: int  # absolute offset of the slice in its shard
+    size: int
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+def gguf_experts(model) -> tuple[dict[int, list[tuple[ExpertSlice, ...]]], list, int]:
+    """A GGUF's routed experts as slices, per layer in expert order; its dense tensors; n_expert.
+
+    Expert e of ``blk.N.ffn_<proj>_exps.weight`` (shape [n_expert, ...]) is the contiguous bytes
+    [e·n/E, (e+1)·n/E). Raises BadFileError/UnsupportedError on a model that has no experts or
+    whose expert tensors do not split evenly.
+    """
+    src = model.paths[0]
+    per_layer: dict[int, dict[str, Any]] = {}
+    dense = []
+    for t in model.tensors.values():
+        hit = expert_block_of(t.name)
+        if hit is None:
+            dense.append(t)
+        else:
+            per_layer.setdefault(hit[0], {})[hit[1]] = t
+    if not per_layer:
+        raise UnsupportedError(f"{src}: no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
+                               f"flashmoe-stream streams the experts of Mixture-of-Experts models only")
+    n_expert = None
+    experts: dict[int, list[tuple[ExpertSlice, ...]]] = {}
+    for layer, tensors in sorted(per_layer.items()):
+        missing = [p for p in ("gate", "up", "down") if p not in tensors]
+        if missing:
+            raise BadFileError(f"{src}: layer {layer} has expert tensors but lacks "
+                               f"{', '.join(f'blk.{layer}.ffn_{p}_exps.weight' for p in missing)}")
+        names = [n for n in BLOCK_ORDER if n in tensors]
+        for n in names:
+            t = tensors[n]
+            e = t.shape[0] if len(t.shape) >= 2 else 0
+            if n_expert is None:
+                n_expert = e
+            if e < 1 or e != n_expert or t.nbytes % e:
+                raise BadFileError(f"{src}: {t.name} (shape {list(t.shape)}, {t.nbytes} bytes) does not split into "
+                                   f"{n_expert} equal experts")
+        experts[layer] = [
+            tuple(ExpertSlice(n, tensors[n].path, tensors[n].offset + x * (tensors[n].nbytes // n_expert),
+                              tensors[n].nbytes // n_expert, tensors[n].qtype, tuple(tensors[n].shape[1:]))
+                  for n in names)
+            for x in range(n_expert)]
+    return experts, dense, int(n_expert)
 
 
 def xxh3_hex(data) -> str:
@@ -245,44 +300,19 @@ class ExpertStore:
         self.gguf = model
         self.dense_path = model.paths[0]
         self.config_dict = None  # type: ignore[assignment]
-        per_layer: dict[int, dict[str, Any]] = {}
-        for t in model.tensors.values():
-            hit = expert_block_of(t.name)
-            if hit:
-                per_layer.setdefault(hit[0], {})[hit[1]] = t
-        if not per_layer:
-            raise BadFileError(f"{self.path}: no routed-expert tensors (blk.N.ffn_{{gate,up,down}}_exps.weight): "
-                               f"flashmoe-stream streams the experts of Mixture-of-Experts models only")
-        n_expert = None
+        slices, _dense, n_expert = gguf_experts(model)
         layouts: dict[int, list[ExpertLayout]] = {}
-        for layer, tensors in sorted(per_layer.items()):
-            missing = [p for p in ("gate", "up", "down") if p not in tensors]
-            if missing:
-                raise BadFileError(f"{self.path}: layer {layer} has expert tensors but lacks "
-                                   f"{', '.join(f'ffn_{p}_exps.weight' for p in missing)}")
-            names = [n for n in BLOCK_ORDER if n in tensors]
-            for n in names:
-                t = tensors[n]
-                e = t.shape[0] if t.shape else 0
-                if n_expert is None:
-                    n_expert = e
-                if e != n_expert or e < 1 or t.nbytes % e:
-                    raise BadFileError(f"{self.path}: {t.name} (shape {list(t.shape)}, {t.nbytes} bytes) does not "
-                                       f"split into {n_expert} equal experts")
-            experts = []
-            for x in range(n_expert):
+        for layer, experts in slices.items():
+            layouts[layer] = []
+            for x, blocks_of_x in enumerate(experts):
                 ranges, blocks, pos = [], [], 0
-                for n in names:
-                    t = tensors[n]
-                    size = t.nbytes // n_expert
-                    start = t.offset + x * size
-                    a0, a1 = align_down(start), align_up(start + size)
-                    ranges.append(ReadRange(t.path, a0, a1 - a0, start + size - a0, pos))
-                    blocks.append(BlockSpec(n, pos + start - a0, size, size, t.qtype, tuple(t.shape[1:]),
-                                            None, None, t.path.name))
+                for sl in blocks_of_x:
+                    a0, a1 = align_down(sl.offset), align_up(sl.offset + sl.size)
+                    ranges.append(ReadRange(sl.path, a0, a1 - a0, sl.offset + sl.size - a0, pos))
+                    blocks.append(BlockSpec(sl.name, pos + sl.offset - a0, sl.size, sl.size, sl.qtype, sl.shape,
+                                            None, None, sl.path.name))
                     pos += a1 - a0
-                experts.append(ExpertLayout(layer, x, tuple(ranges), tuple(blocks)))
-            layouts[layer] = experts
+                layouts[layer].append(ExpertLayout(layer, x, tuple(ranges), tuple(blocks)))
         self.n_expert = int(n_expert)
         self._layouts = layouts
 
