@@ -109,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Mixture-of-Experts LLMs larger than RAM and VRAM by streaming experts from NVMe.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)  # -v also works after the command
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens")
 
-    s = sub.add_parser("synth", help="write a synthetic model with a real architecture and random weights",
+    s = sub.add_parser("synth", parents=[common], help="write a synthetic model with a real architecture and random weights",
                        description="Write a GGUF with llama.cpp's tensor names, shapes and metadata for ARCH at the "
                                    "dimensions of PRESET, random zero-mean weights and a small byte-level BPE tokenizer.")
     s.add_argument("--arch", choices=ARCHS, default="qwen3moe")
@@ -125,18 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar)")
     s.set_defaults(fn=cmd_synth)
 
-    s = sub.add_parser("inspect", help="what a model is and what it costs to stream",
+    s = sub.add_parser("inspect", parents=[common], help="what a model is and what it costs to stream",
                        description="Architecture, experts, parameters, dense and expert bytes, and the bytes one "
                                    "token reads from disk when no expert is cached. Reads metadata only.")
     s.add_argument("model", type=Path, metavar="MODEL", help="a GGUF file (any shard of a split set)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("demo", help="make the built-in demo model and show it")
+    s = sub.add_parser("demo", parents=[common], help="make the built-in demo model and show it")
     s.add_argument("--dir", default="demo", help="where the demo model lives (default: ./demo)")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("repack", help="turn a MoE GGUF into an expert store made for streaming",
+    s = sub.add_parser("repack", parents=[common], help="turn a MoE GGUF into an expert store made for streaming",
                        description="Write experts/<layer>/<expert>.bin (4 KiB-aligned blocks), dense.gguf and "
                                    "manifest.json (written last). Streaming and resumable: rerun after a crash.")
     from .io.repack import add_arguments as repack_arguments
@@ -146,18 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json)").add_subparsers(
         dest="what", required=True, metavar="BENCH")
-    s = bench.add_parser("dequant", help="dequantisation throughput per ggml type")
+    s = bench.add_parser("dequant", parents=[common], help="dequantisation throughput per ggml type")
     s.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default: cpu)")
     s.add_argument("--mib", type=int, default=64, help="MiB of quantised input per type (default: 64)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_dequant)
-    s = bench.add_parser("io", help="random whole-expert reads at queue depths 1-32 beside the disk's raw "
+    s = bench.add_parser("io", parents=[common], help="random whole-expert reads at queue depths 1-32 beside the disk's raw "
                                     "sequential O_DIRECT bandwidth, measured in the same run")
     from .io.bench import add_arguments as bench_io_arguments
 
     bench_io_arguments(s)
     s.set_defaults(fn=cmd_bench_io)
     return p
+
+
+def _prog(args: argparse.Namespace) -> str:
+    return "flashmoe repack" if args.command == "repack" else "flashmoe"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except FlashMoeError as e:
-        print(f"flashmoe: error: {e}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("flashmoe: interrupted", file=sys.stderr)
+        hint = " (rerun the same command to resume)" if args.command == "repack" else ""
+        print(f"flashmoe {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
     except OSError as e:  # disk full, permission denied, ...: still one line
-        print(f"flashmoe: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFWriter, LlamaFileType, TokenType
 
 from . import quant
-from .io.writer import AppendWriter
+from .io.writer import AppendWriter, fsync_path
 from .errors import UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def synth(out: str | os.PathLike, arch: str = "qwen3moe", preset: str = "tiny", 
         finals = [out.parent / f.name for f in files]
         for f, final in reversed(list(zip(files, finals))):  # the first shard appears last
             os.replace(f, final)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return SynthResult(finals, total, seconds)
@@ -378,11 +378,3 @@ def _write_data(files: list[Path], starts: list[int], w: GGUFWriter, plan: dict[
             f.write(b"\0" * pad)
             f.write(data)
             bar.update(data.nbytes)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

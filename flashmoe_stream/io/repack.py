@@ -51,6 +51,7 @@ from ..errors import DiskFullError, FlashMoeError, ShortReadError, StoreError, U
 from .store import (ALIGN, DENSE, FORMAT_NAME, FORMAT_VERSION, JOURNAL, MANIFEST, ExpertStore,
                     ExpertSlice, align_up, aligned_empty, gguf_experts)
 from .writer import _O_DIRECT, AppendWriter
+from .writer import fsync_path as _fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,6 @@ def _write_all(fd: int, data) -> None:
     while view.nbytes:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -737,25 +730,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flashmoe repack", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except FlashMoeError as e:
-        print(f"flashmoe repack: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("flashmoe repack: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"flashmoe repack: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}",
-              file=sys.stderr)
-        return 1
+    """tools/repack.py and ``python -m flashmoe_stream.io.repack``: the same as ``flashmoe repack``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["repack", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

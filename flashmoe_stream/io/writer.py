@@ -29,6 +29,15 @@ def _write_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (after a rename, fsync its directory to make the rename durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AppendWriter:
     """Appends to ``path`` from byte ``start`` on (what is before ``start`` is kept as it is).
 
