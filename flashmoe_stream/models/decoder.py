@@ -1,0 +1,67 @@
+"""The MoE decoder of qwen3moe and llama-with-experts (Mixtral): they differ only in per-head q/k
+RMSNorm (qwen3moe) and the RoPE pairing (NEOX for qwen3moe), both read from the config.
+
+Dense weights arrive as tensors keyed by their GGUF names; routed experts come from an
+ExpertSource (the cache) one layer at a time, and the next layer's experts are predicted from the
+current hidden state and prefetched while this layer's experts compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..config import ModelConfig
+from .common import AttentionWeights, ExpertSource, KVCache, MoEWeights, attention, moe, predict_next, rms_norm
+
+
+class MoEDecoder:
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
+                 prefetch: bool = True):
+        self.cfg, self.experts, self.prefetch = cfg, experts, prefetch
+        W = weights.__getitem__
+        self.embd = W("token_embd.weight")
+        self.out_norm = W("output_norm.weight")
+        self.output = weights.get("output.weight", self.embd)  # tied embeddings where there is no output
+        self.dtype, self.device = self.attn_dtype(weights), self.embd.device
+        self.attn, self.ffn = [], []
+        for i in range(cfg.n_layer):
+            b = f"blk.{i}."
+            self.attn.append(AttentionWeights(
+                W(b + "attn_norm.weight"), W(b + "attn_q.weight"), W(b + "attn_k.weight"), W(b + "attn_v.weight"),
+                W(b + "attn_output.weight"), weights.get(b + "attn_q_norm.weight"), weights.get(b + "attn_k_norm.weight")))
+            self.ffn.append(MoEWeights(W(b + "ffn_norm.weight"), W(b + "ffn_gate_inp.weight")))
+
+    @staticmethod
+    def attn_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
+        return weights["blk.0.attn_q.weight"].dtype
+
+    def new_kv_cache(self, n_ctx: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, self.device, self.dtype)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, kv: KVCache,
+                on_route: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Logits [T, n_vocab] (float32) for the new tokens [T], appended to ``kv``."""
+        c = self.cfg
+        T = tokens.shape[0]
+        if kv.length + T > kv.n_ctx:
+            from ..errors import BudgetError
+
+            raise BudgetError(f"context full: {kv.length} + {T} tokens > n_ctx {kv.n_ctx} (raise -c)")
+        pos = torch.arange(kv.length, kv.length + T, device=self.device)
+        x = self.embd[tokens.to(self.device)].float()  # the residual stream is float32
+        for i in range(c.n_layer):
+            x = x + attention(x, self.attn[i], i, kv, pos, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps,
+                              c.rope_theta, c.rope_neox)
+            if self.prefetch and i + 1 < c.n_layer:
+                self.experts.prefetch(i + 1, predict_next(x, self.ffn[i + 1], c.n_expert_used, c.rms_eps))
+            y, ids = moe(x, self.ffn[i], i, self.experts, c.n_expert_used, c.expert_weights_norm, c.rms_eps,
+                        self.dtype)
+            x = x + y
+            if on_route is not None:
+                on_route(i, ids)
+        kv.length += T
+        return (rms_norm(x, self.out_norm, c.rms_eps).to(self.dtype) @ self.output.T).float()

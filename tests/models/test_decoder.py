@@ -1,0 +1,85 @@
+"""The streaming decoder equals the whole-model reference, however the prompt is cut into chunks."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from flashmoe_stream.gguf_file import open_gguf
+from flashmoe_stream.io import ExpertStore
+from flashmoe_stream.models import build_model
+from flashmoe_stream.quant import dequantize
+
+from ..reference import forward
+
+
+class StoreExperts:
+    """An ExpertSource reading straight from the store, counting what is asked."""
+
+    def __init__(self, path):
+        self.store = ExpertStore(path)
+        self.gets, self.prefetches = [], []
+
+    def get(self, layer, ids):
+        self.gets.append((layer, list(ids)))
+        return [SimpleNamespace(blocks={n: SimpleNamespace(data=torch.frombuffer(bytearray(b.data), dtype=torch.uint8),
+                                                           qtype=b.qtype, shape=b.shape)
+                                        for n, b in self.store.read(layer, e).blocks.items()}) for e in ids]
+
+    def prefetch(self, layer, ids):
+        self.prefetches.append((layer, list(ids)))
+
+
+def dense_weights(m, dtype=torch.float32):
+    return {n: dequantize(torch.from_numpy(m.tensor_bytes(n).copy()), t.qtype, t.shape,
+                          torch.float32 if len(t.shape) == 1 else dtype)
+            for n, t in m.tensors.items() if "_exps" not in n}
+
+
+@pytest.mark.parametrize("arch,qtype", [("qwen3moe", "Q8_0"), ("llama", "Q4_K_M"), ("qwen3moe", "IQ4_XS")])
+@pytest.mark.parametrize("chunks", [[24], [10, 14], [1] * 24])
+def test_streaming_decoder_equals_reference(make_model, arch, qtype, chunks):
+    path = make_model(arch, qtype)
+    m = open_gguf(path)
+    tokens = np.random.default_rng(1).integers(0, 300, 24).tolist()
+    experts = StoreExperts(path)
+    model = build_model(m.config, dense_weights(m), experts)
+    kv = model.new_kv_cache(32)
+    out, pos = [], 0
+    for n in chunks:
+        out.append(model.forward(torch.tensor(tokens[pos: pos + n]), kv))
+        pos += n
+    ref, routes, _ = forward(m, tokens)
+    assert torch.allclose(torch.cat(out), ref, atol=1e-4, rtol=1e-4)
+    assert kv.length == 24
+    # each get asks for exactly the experts the reference routed to, once each
+    n_layer = m.config.n_layer
+    first = experts.gets[:n_layer]
+    for layer, ids in first:
+        want = sorted(set(routes[layer][: chunks[0]].flatten().tolist()))
+        assert sorted(ids) == want
+    # prefetch asks for layers 1..n-1 only, from the previous layer's hidden state
+    assert {layer for layer, _ in experts.prefetches} == set(range(1, n_layer))
+
+
+def test_bf16_decoder_stays_close_to_float32(make_model):
+    path = make_model("qwen3moe", "Q8_0")
+    m = open_gguf(path)
+    tokens = np.random.default_rng(2).integers(0, 300, 16).tolist()
+    ref = forward(m, tokens)[0]
+    model = build_model(m.config, dense_weights(m, torch.bfloat16), StoreExperts(path))
+    got = model.forward(torch.tensor(tokens), model.new_kv_cache(16))
+    assert (got - ref).abs().max() < 0.05 * (ref.max() - ref.min())
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_context_overflow_is_a_clear_error(make_model):
+    from flashmoe_stream.errors import BudgetError
+
+    path = make_model("llama", "Q8_0")
+    m = open_gguf(path)
+    model = build_model(m.config, dense_weights(m), StoreExperts(path))
+    kv = model.new_kv_cache(4)
+    with pytest.raises(BudgetError, match="context full"):
+        model.forward(torch.arange(5), kv)
