@@ -1,0 +1,190 @@
+"""Engine: a model opened for streaming — dense weights resident, experts through the cache.
+
+    eng = Engine.open("model.gguf" or "model.store", device="cuda", vram_cache="8G", ram_cache="16G")
+    eng.logits(ids)                       # [T, n_vocab], fresh context
+    for piece in eng.generate("What's AI?", max_tokens=64): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from ..config import parse_size
+from ..errors import FlashMoeError
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    routes: list = field(default_factory=list, repr=False)
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FlashMoeError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise FlashMoeError(f"--device {device}: no XPU device is available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "xpu"):
+        raise FlashMoeError(f"--device {device}: unsupported (use cpu, cuda or xpu)")
+    return dev
+
+
+def _free_device_bytes(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == "xpu":
+        props = torch.xpu.get_device_properties(dev)
+        return int(props.total_memory - torch.xpu.memory_reserved(dev))
+    return psutil.virtual_memory().available
+
+
+class Engine:
+    def __init__(self, store, model, tokenizer, cache, device: torch.device, n_ctx: int):
+        self.store, self.model, self.tokenizer, self.cache = store, model, tokenizer, cache
+        self.device, self.n_ctx = device, n_ctx
+        self.config = model.cfg
+        self.last = GenerationStats()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, device: str = "cpu", vram_cache=None, ram_cache=None,
+             policy: str = "lfru", prefetch: bool = True, n_ctx: int = 4096, dtype: torch.dtype | None = None,
+             threads: int = 8) -> "Engine":
+        """Open a GGUF (any shard) or an expert store. Budgets: bytes, "8G"/"512M", or "10%" of the
+        model's expert bytes; by default the device tier takes 80 % of free device memory left after
+        the dense weights and the host tier half of the available RAM."""
+        from ..cache import ExpertCache
+        from ..gguf_file import open_gguf
+        from ..io import ExpertStore
+        from ..models import build_model
+        from .tokenizer import Tokenizer
+
+        dev = resolve_device(device)
+        dtype = dtype or (torch.bfloat16 if dev.type != "cpu" else torch.float32)
+        store = ExpertStore(path)
+        dense = open_gguf(store.dense_path)
+        cfg = store.config
+        weights = _load_dense(dense, dev, dtype)
+        expert_bytes = sum(store.expert_nbytes(layer) * store.n_expert for layer in store.layers)
+        host = parse_size(ram_cache, expert_bytes) if ram_cache is not None else \
+            psutil.virtual_memory().available // 2
+        if vram_cache is not None:
+            vram = parse_size(vram_cache, expert_bytes)
+        elif dev.type == "cpu":
+            vram = 0  # on a CPU the host tier is where experts are used
+        else:
+            vram = int(_free_device_bytes(dev) * 0.8)
+        cache = ExpertCache(store, device=dev, device_budget=vram, host_budget=host, policy=policy,
+                            prefetch=prefetch, threads=threads)
+        try:
+            model = build_model(cfg, weights, cache, prefetch=prefetch)
+            tok = Tokenizer.from_metadata(dense.metadata)
+        except BaseException:
+            cache.close()
+            raise
+        return cls(store, model, tok, cache, dev, n_ctx)
+
+    # --- tokens ---------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # --- compute --------------------------------------------------------------------------------
+
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [T, n_vocab] for ``token_ids`` in a fresh context (one row per position)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        kv = self.model.new_kv_cache(max(len(ids), 1))
+        return self.model.forward(ids, kv).cpu()
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stream: bool = True, record_routes: bool = False) -> Iterator[str] | str:
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        it = self._generate(prompt, max_tokens, params, record_routes)
+        return it if stream else "".join(it)
+
+    def _generate(self, prompt, max_tokens: int, params: SamplingParams, record_routes: bool) -> Iterator[str]:
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise FlashMoeError("empty prompt: give at least one token")
+        if len(ids) >= self.n_ctx:
+            raise FlashMoeError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx} (raise -c)")
+        stats = self.last = GenerationStats(prompt_tokens=len(ids))
+        on_route = (lambda layer, r: stats.routes.append((layer, r.cpu()))) if record_routes else None
+        sample = Sampler(params)
+        kv = self.model.new_kv_cache(min(self.n_ctx, len(ids) + max_tokens))
+        decoder = self.tokenizer.incremental_decoder()
+        t0 = time.perf_counter()
+        logits = self.model.forward(torch.tensor(ids), kv, on_route)[-1]
+        stats.prompt_seconds = time.perf_counter() - t0
+        history = list(ids)
+        t0 = time.perf_counter()
+        for _ in range(min(max_tokens, self.n_ctx - len(ids))):
+            tok = sample(logits, history)
+            if tok in self.tokenizer.eog_ids:
+                break
+            history.append(tok)
+            stats.decode_tokens += 1
+            piece = decoder.push(tok)
+            if piece:
+                yield piece
+            if kv.length >= kv.n_ctx:
+                break
+            logits = self.model.forward(torch.tensor([tok]), kv, on_route)[-1]
+            stats.decode_seconds = time.perf_counter() - t0
+        stats.decode_seconds = time.perf_counter() - t0
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def stats(self) -> dict:
+        s = self.cache.stats()
+        s["generation"] = {"prompt_tokens": self.last.prompt_tokens, "prompt_tok_s": self.last.prompt_tok_s,
+                           "decode_tokens": self.last.decode_tokens, "decode_tok_s": self.last.decode_tok_s}
+        return s
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every non-expert tensor, dequantised once onto the device (norms and routers in float32)."""
+    from ..model_info import expert_tensor_layer
+    from ..quant import dequantize
+
+    out = {}
+    for name, t in model.tensors.items():
+        if expert_tensor_layer(name) is not None:
+            continue
+        raw = torch.from_numpy(model.tensor_bytes(name).copy()).to(dev)
+        keep_f32 = len(t.shape) == 1 or name.endswith("ffn_gate_inp.weight")
+        out[name] = dequantize(raw, t.qtype, t.shape, torch.float32 if keep_f32 else dtype)
+    return out
