@@ -74,6 +74,68 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return cmd_inspect(argparse.Namespace(model=out, json=False))
 
 
+def _summary_line(eng) -> str:
+    s = eng.stats()
+    t, g = s["total"], s["generation"]
+    def rate(hits: str, misses: str) -> str:
+        n = t.get(hits, 0) + t.get(misses, 0)
+        return f"{100 * t.get(hits, 0) / n:.0f}%" if n else "-"
+    return (f"prompt {g['prompt_tokens']} tok at {g['prompt_tok_s']:.1f} tok/s | decode {g['decode_tokens']} tok at "
+            f"{g['decode_tok_s']:.2f} tok/s | hits: device {rate('device_hits', 'device_misses')}, host "
+            f"{rate('host_hits', 'host_misses')} | read {t.get('disk_bytes', 0) / 1e9:.2f} GB from disk | "
+            f"waited {t.get('wait_s', 0):.1f} s on I/O")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .engine.engine import Engine
+
+    gen = dict(max_tokens=a.n_predict, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+               repeat_penalty=a.repeat_penalty, seed=a.seed)
+    with Engine.open(a.model, device=a.device, vram_cache=a.vram_cache, ram_cache=a.ram_cache, policy=a.policy,
+                     prefetch=not a.no_prefetch, n_ctx=a.ctx_size, threads=a.io_threads) as eng:
+        if a.no_conversation:
+            if a.prompt is None:
+                raise FlashMoeError("-no-cnv needs --prompt TEXT (or drop -no-cnv for a chat)")
+            _print_stream(eng.generate(a.prompt, **gen))
+            print(_summary_line(eng), file=sys.stderr)
+            return 0
+        from .engine import ChatTemplate, NoChatTemplateError
+
+        try:
+            template = ChatTemplate.from_metadata(eng.metadata)
+        except NoChatTemplateError:
+            raise FlashMoeError("this model has no chat template: use -no-cnv --prompt TEXT for plain completion") \
+                from None
+        messages: list[dict] = []
+        first = a.prompt
+        while True:
+            if first is not None:
+                user, first = first, None
+                print(f"> {user}", file=sys.stderr)
+            else:
+                try:
+                    user = input("> ")
+                except EOFError:
+                    print(file=sys.stderr)
+                    return 0
+            if not user.strip():
+                continue
+            messages.append({"role": "user", "content": user})
+            reply = _print_stream(eng.generate(template.render(messages), **gen))
+            messages.append({"role": "assistant", "content": reply})
+            print(_summary_line(eng), file=sys.stderr)
+
+
+def _print_stream(pieces) -> str:
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(out)
+
+
 def cmd_repack(a: argparse.Namespace) -> int:
     from .io.repack import run  # (the io door's `repack` is the function, not this module)
 
@@ -111,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)  # -v also works after the command
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens")
+
+    s = sub.add_parser("run", parents=[common], help="generate text with a model larger than memory",
+                       description="Stream a MoE model's experts from disk and generate. Without -no-cnv: a chat "
+                                   "using the model's chat template (type a message, Ctrl-D ends).")
+    s.add_argument("-m", "--model", required=True, type=Path, help="a GGUF (any shard) or an expert store")
+    s.add_argument("-p", "--prompt", help="the prompt (in chat mode: the first message)")
+    s.add_argument("-no-cnv", "--no-conversation", action="store_true", help="plain completion of --prompt, no chat")
+    s.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate at most (default 128)")
+    s.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (default 4096)")
+    s.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=40, help="default 40; 0 = off")
+    s.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 = off")
+    s.add_argument("--min-p", type=float, default=0.05, help="default 0.05; 0 = off")
+    s.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 = off")
+    s.add_argument("--seed", type=int, help="random seed (default: random)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or xpu (default cpu)")
+    s.add_argument("--vram-cache", metavar="SIZE", help="device-tier budget: 8G, 512M or 10%% of the expert bytes "
+                                                         "(default: 80%% of free device memory)")
+    s.add_argument("--ram-cache", metavar="SIZE", help="RAM-tier budget (default: half the available RAM)")
+    s.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware or module:Class")
+    s.add_argument("--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts")
+    s.add_argument("--io-threads", type=int, default=8, help="threads reading experts (default 8)")
+    s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("synth", parents=[common], help="write a synthetic model with a real architecture and random weights",
                        description="Write a GGUF with llama.cpp's tensor names, shapes and metadata for ARCH at the "

@@ -58,8 +58,9 @@ def _free_device_bytes(dev: torch.device) -> int:
 
 
 class Engine:
-    def __init__(self, store, model, tokenizer, cache, device: torch.device, n_ctx: int):
+    def __init__(self, store, model, tokenizer, cache, device: torch.device, n_ctx: int, metadata=None):
         self.store, self.model, self.tokenizer, self.cache = store, model, tokenizer, cache
+        self.metadata = metadata  # the GGUF metadata (chat template, ...)
         self.device, self.n_ctx = device, n_ctx
         self.config = model.cfg
         self.last = GenerationStats()
@@ -84,15 +85,17 @@ class Engine:
         cfg = store.config
         weights = _load_dense(dense, dev, dtype)
         expert_bytes = sum(store.expert_nbytes(layer) * store.n_expert for layer in store.layers)
-        host = parse_size(ram_cache, expert_bytes) if ram_cache is not None else \
+        ram = parse_size(ram_cache, expert_bytes) if ram_cache is not None else \
             psutil.virtual_memory().available // 2
-        if vram_cache is not None:
+        if dev.type == "cpu":
+            # experts are used from RAM: the "device" tier is the RAM cache, the host tier only stages reads
+            vram = ram
+            ram = 4 * cfg.n_expert_used * max(store.expert_read_nbytes(layer, 0) for layer in store.layers)
+        elif vram_cache is not None:
             vram = parse_size(vram_cache, expert_bytes)
-        elif dev.type == "cpu":
-            vram = 0  # on a CPU the host tier is where experts are used
         else:
             vram = int(_free_device_bytes(dev) * 0.8)
-        cache = ExpertCache(store, device=dev, device_budget=vram, host_budget=host, policy=policy,
+        cache = ExpertCache(store, device=dev, device_budget=vram, host_budget=ram, policy=policy,
                             prefetch=prefetch, threads=threads)
         try:
             model = build_model(cfg, weights, cache, prefetch=prefetch)
@@ -100,7 +103,7 @@ class Engine:
         except BaseException:
             cache.close()
             raise
-        return cls(store, model, tok, cache, dev, n_ctx)
+        return cls(store, model, tok, cache, dev, n_ctx, dense.metadata)
 
     # --- tokens ---------------------------------------------------------------------------------
 
