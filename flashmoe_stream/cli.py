@@ -87,7 +87,7 @@ def _summary_line(eng) -> str:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .engine.engine import Engine
+    from .engine import Engine
 
     gen = dict(max_tokens=a.n_predict, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                repeat_penalty=a.repeat_penalty, seed=a.seed)

@@ -1,0 +1,130 @@
+"""The engine end to end: logits equal the reference whatever the cache budget, greedy tokens equal
+llama.cpp's, and the CLI's `run` behaves like llama-cli."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import flashmoe_stream as fms
+from flashmoe_stream.errors import BudgetError, FlashMoeError
+from flashmoe_stream.gguf_file import open_gguf
+from flashmoe_stream.io import ExpertStore
+
+from ..reference import forward
+
+TOKENS = np.random.default_rng(5).integers(0, 300, 20).tolist()
+
+
+@pytest.mark.parametrize("arch,qtype", [("qwen3moe", "Q4_K_M"), ("llama", "Q8_0")])
+@pytest.mark.parametrize("budget", ["100%", "30%"])
+@pytest.mark.parametrize("policy", ["lfru", "lru", "layer-aware"])
+def test_logits_equal_reference_at_any_budget(make_model, arch, qtype, budget, policy):
+    path = make_model(arch, qtype)
+    ref = forward(open_gguf(path), TOKENS)[0]
+    with fms.Engine.open(path, ram_cache=budget, policy=policy) as eng:
+        got = eng.logits(TOKENS)
+        again = eng.logits(TOKENS)  # now partly from the cache
+        s = eng.stats()["total"]
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got, again)
+    assert s["device_hits"] > 0 and s["disk_bytes"] > 0
+
+
+def test_a_store_and_its_gguf_give_the_same_logits(make_model, tmp_path):
+    from flashmoe_stream.io import repack
+
+    path = make_model("qwen3moe", "Q8_0")
+    store = repack(path, tmp_path / "store", progress=False)
+    with fms.Engine.open(path) as a, fms.Engine.open(store) as b:
+        assert torch.equal(a.logits(TOKENS), b.logits(TOKENS))
+        assert isinstance(b.store, ExpertStore) and b.store.kind == "store"
+
+
+def test_greedy_tokens_equal_llama_cpp(make_model, llama_cpp):
+    path = make_model("qwen3moe", "F32")
+    prompt = TOKENS[:8]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, seed=0)
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if len(theirs) == 16 or tok in (llm.token_eos(),):
+            break
+        theirs.append(tok)
+    with fms.Engine.open(path) as eng:
+        ids = list(prompt)
+        ours = []
+        for _ in range(len(theirs)):
+            nxt = int(eng.logits(ids)[-1].argmax())
+            ours.append(nxt)
+            ids.append(nxt)
+    assert ours == theirs
+
+
+def test_generate_is_reproducible_with_a_seed_and_streams_text(make_model):
+    with fms.Engine.open(make_model("llama", "Q8_0")) as eng:
+        a = eng.generate("What's AI?", max_tokens=12, seed=7, stream=False)
+        b = "".join(eng.generate("What's AI?", max_tokens=12, seed=7))
+        c = eng.generate("What's AI?", max_tokens=12, seed=8, stream=False)
+        g = eng.stats()["generation"]
+    assert a == b and isinstance(a, str) and len(a) > 0
+    assert a != c
+    assert g["decode_tokens"] > 0 and g["prompt_tokens"] == len(eng.tokenize("What's AI?"))
+
+
+def test_routing_varies_during_generation(make_model):
+    with fms.Engine.open(make_model("qwen3moe", "Q8_0")) as eng:
+        list(eng.generate(TOKENS, max_tokens=24, temperature=1.0, seed=1, record_routes=True))
+        routes = eng.last.routes
+    per_layer: dict = {}
+    for layer, ids in routes:
+        per_layer.setdefault(layer, set()).update(tuple(sorted(r)) for r in ids.tolist())
+    assert all(len(sets) >= 6 for sets in per_layer.values())
+
+
+def test_budget_too_small_names_the_minimum(make_model):
+    with pytest.raises(BudgetError, match="give at least"):
+        fms.Engine.open(make_model("qwen3moe", "Q8_0"), ram_cache="1K")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(make_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(FlashMoeError, match="no CUDA device"):
+        fms.Engine.open(make_model("qwen3moe", "Q8_0"), device="cuda")
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "flashmoe_stream", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_completion_prints_tokens_and_a_summary(make_model):
+    r = _cli("run", "-m", make_model("qwen3moe", "Q8_0"), "-no-cnv", "-p", "What's AI?", "-n", "8", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "decode" in r.stderr and "tok/s" in r.stderr and "hits: device" in r.stderr
+
+
+def test_cli_run_chat_reads_messages_until_eof(make_model):
+    r = _cli("run", "-m", make_model("llama", "Q8_0"), "-n", "4", "--seed", "1", stdin="hello\nhow are you?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("decode") == 2  # one summary per reply
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--ram-cache", "1K"], "give at least"),
+    (["--policy", "nonsense"], "nonsense"),
+])
+def test_cli_run_bad_options_are_one_line_errors(make_model, args, msg):
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = _cli("run", "-m", make_model("qwen3moe", "Q8_0"), "-no-cnv", "-p", "hi", *args)
+    assert r.returncode == 1 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cli_run_missing_model(tmp_path):
+    r = _cli("run", "-m", tmp_path / "nope.gguf", "-no-cnv", "-p", "hi")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
