@@ -66,12 +66,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    out = Path(a.dir) / "tiny-qwen3moe-Q8_0.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists():
-        cmd_synth(argparse.Namespace(output=out, arch="qwen3moe", preset="tiny", qtype="Q8_0", layers=None,
+    """Synthesise the tiny model, repack it, and generate from the store with a RAM budget of 30 % of
+    its expert bytes, so the cache has to evict and stream (the model's weights are random)."""
+    from .io.repack import repack
+
+    root = Path(a.dir)
+    model, store = root / "tiny-qwen3moe-Q8_0.gguf", root / "tiny-qwen3moe-Q8_0.store"
+    root.mkdir(parents=True, exist_ok=True)
+    if not model.exists():
+        cmd_synth(argparse.Namespace(output=model, arch="qwen3moe", preset="tiny", qtype="Q8_0", layers=None,
                                      split_size=0, seed=0, json=False))
-    return cmd_inspect(argparse.Namespace(model=out, json=False))
+    cmd_inspect(argparse.Namespace(model=model, json=False))
+    repack(model, store, progress=True)
+    print(f"\nrepacked into {store}; generating with --ram-cache 30% (random weights: expect gibberish)\n",
+          file=sys.stderr)
+    return cmd_run(build_parser().parse_args(
+        ["run", "-m", str(store), "-no-cnv", "-p", "What's AI?", "-n", "48", "--ram-cache", "30%", "--seed", "0"]))
 
 
 def _summary_line(eng) -> str:
@@ -219,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("demo", parents=[common], help="make the built-in demo model and show it")
+    s = sub.add_parser("demo", parents=[common], help="synthesise, repack and stream the tiny demo model",
+                       description="Writes the tiny demo model, inspects it, repacks it into an expert store and "
+                                   "generates from the store with a RAM budget of 30%% of its experts.")
     s.add_argument("--dir", default="demo", help="where the demo model lives (default: ./demo)")
     s.set_defaults(fn=cmd_demo)
 

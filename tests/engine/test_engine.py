@@ -128,3 +128,24 @@ def test_cli_run_bad_options_are_one_line_errors(make_model, args, msg):
 def test_cli_run_missing_model(tmp_path):
     r = _cli("run", "-m", tmp_path / "nope.gguf", "-no-cnv", "-p", "hi")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_engine_equals_reference_at_any_budget(make_model):
+    path = make_model("qwen3moe", "Q4_K_M")
+    ref = forward(open_gguf(path), TOKENS)[0]
+    with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="100%", dtype=torch.float32) as a, \
+            fms.Engine.open(path, device="cuda", vram_cache="30%", ram_cache="30%", dtype=torch.float32) as b:
+        full, tight = a.logits(TOKENS), b.logits(TOKENS)
+        assert b.stats()["total"]["h2d_bytes"] > 0
+    assert torch.allclose(full, ref, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(full, tight, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_engine_bf16_generates(make_model):
+    with fms.Engine.open(make_model("llama", "Q4_K_M"), device="cuda", vram_cache="50%", ram_cache="50%") as eng:
+        text = eng.generate("What's AI?", max_tokens=16, seed=3, stream=False)
+        got = eng.logits(TOKENS)
+    ref = forward(open_gguf(make_model("llama", "Q4_K_M")), TOKENS)[0]
+    assert text and (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
