@@ -279,6 +279,10 @@ class ExpertCache:
         with self._lock:
             return self._lock.wait_for(lambda: not self._inflight or self._closed, timeout)
 
+    def capacity(self, layer: int) -> int:
+        """How many experts of ``layer`` one get() may ask for (what the device tier holds at once)."""
+        return max(1, int(self._dev.budget) // self._dev_nbytes[layer])
+
     def release(self) -> None:
         """Unpin what get() returned (its entries may be evicted from now on)."""
         with self._lock:

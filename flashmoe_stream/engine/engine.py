@@ -68,7 +68,7 @@ class Engine:
     @classmethod
     def open(cls, path: str | os.PathLike, device: str = "cpu", vram_cache=None, ram_cache=None,
              policy: str = "lfru", prefetch: bool = True, n_ctx: int = 4096, dtype: torch.dtype | None = None,
-             threads: int = 8) -> "Engine":
+             threads: int = 8, llama_numerics: bool = True) -> "Engine":
         """Open a GGUF (any shard) or an expert store. Budgets: bytes, "8G"/"512M", or "10%" of the
         model's expert bytes; by default the device tier takes 80 % of free device memory left after
         the dense weights and the host tier half of the available RAM."""
@@ -98,7 +98,8 @@ class Engine:
         cache = ExpertCache(store, device=dev, device_budget=vram, host_budget=ram, policy=policy,
                             prefetch=prefetch, threads=threads)
         try:
-            model = build_model(cfg, weights, cache, prefetch=prefetch)
+            types = {name: t.qtype for name, t in dense.tensors.items()} if llama_numerics else None
+            model = build_model(cfg, weights, cache, prefetch=prefetch, weight_types=types)
             tok = Tokenizer.from_metadata(dense.metadata)
         except BaseException:
             cache.close()

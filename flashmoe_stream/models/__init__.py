@@ -15,10 +15,10 @@ ARCHITECTURES = ("llama", "qwen3moe")
 
 
 def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
-                prefetch: bool = True) -> MoEDecoder:
+                prefetch: bool = True, weight_types: Mapping | None = None) -> MoEDecoder:
     if cfg.arch not in ARCHITECTURES:
         raise UnsupportedError(f"no forward pass for architecture {cfg.arch!r} (supported: {', '.join(ARCHITECTURES)})")
-    return MoEDecoder(cfg, weights, experts, prefetch)
+    return MoEDecoder(cfg, weights, experts, prefetch, weight_types)
 
 
 __all__ = ["ARCHITECTURES", "ExpertSource", "KVCache", "MoEDecoder", "build_model"]

@@ -5,6 +5,7 @@ streaming MoE block. No files, no threads: weights come in as tensors, experts f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -13,12 +14,64 @@ import torch.nn.functional as F
 from ..quant import dequantize
 
 
+# --- llama.cpp's numerics ------------------------------------------------------------------------
+# llama.cpp's CPU kernels do not multiply float activations by quantised weights: they first round
+# the activations to the weight type's partner format (8-bit blocks with an fp16 or f32 scale, or
+# fp16/bf16), then take integer dot products. Rounding the activations the same way here makes our
+# logits agree with llama.cpp's to float-summation order instead of to ~1 %, so a near-tie in the
+# expert choice goes the same way. `act_for(qtype)` is that rounding for one weight type.
+
+_Q8_0_PARTNER = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4"}
+_Q8_K_PARTNER = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
+
+
+def _round_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """As quantize_row_q8_0: blocks of 32, d = amax/127 stored as fp16, q = round(x/d)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d.half().float()).reshape(x.shape)
+
+
+def _round_q8_k(x: torch.Tensor) -> torch.Tensor:
+    """As quantize_row_q8_K: blocks of 256, iscale = -127/max (max: the signed value of largest |x|)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 256)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+    q = torch.round(iscale * xb).clamp(max=127)
+    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
+    return (q * d).reshape(x.shape)
+
+
+def act_for(qtype) -> "Callable[[torch.Tensor], torch.Tensor] | None":
+    """How llama.cpp's CPU backend rounds the activations that meet a weight of ``qtype`` (None: not at all)."""
+    name = getattr(qtype, "name", str(qtype))
+    if name in _Q8_0_PARTNER:
+        return _round_q8_0
+    if name in _Q8_K_PARTNER:
+        return _round_q8_k
+    if name == "F16":
+        return lambda x: x.half().float()
+    if name == "BF16":
+        return lambda x: x.bfloat16().float()
+    return None
+
+
+def mm(x: torch.Tensor, w: torch.Tensor, act) -> torch.Tensor:
+    """x @ w.T with the activations first rounded as llama.cpp would (``act`` None: exact)."""
+    if act is not None:
+        x = act(x).to(w.dtype)
+    return x @ w.T
+
+
 class ExpertSource(Protocol):
     """What the MoE block needs from the expert cache (cache.ExpertCache satisfies it)."""
 
     def get(self, layer: int, expert_ids: list[int]) -> list: ...
 
     def prefetch(self, layer: int, expert_ids: list[int]) -> None: ...
+
+    # optional: capacity(layer) -> int (experts one get may ask for) and release() (unpin the last get)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,6 +118,8 @@ class AttentionWeights:
     o: torch.Tensor
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    acts: tuple = (None, None, None, None)  # activation rounding before q, k, v, o (llama.cpp numerics)
+    f16_kv: bool = False  # llama.cpp keeps K and V (and rounds Q and the softmax) in fp16
 
 
 def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos: torch.Tensor, n_head: int,
@@ -72,9 +127,9 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     """Pre-norm GQA self-attention of the new tokens x [T, n_embd] over the cache and themselves."""
     T = x.shape[0]
     h = rms_norm(x, w.norm, eps).to(w.q.dtype)
-    q = (h @ w.q.T).view(T, n_head, head_dim)
-    k = (h @ w.k.T).view(T, n_head_kv, head_dim)
-    v = (h @ w.v.T).view(T, n_head_kv, head_dim)
+    q = mm(h, w.q, w.acts[0]).view(T, n_head, head_dim)
+    k = mm(h, w.k, w.acts[1]).view(T, n_head_kv, head_dim)
+    v = mm(h, w.v, w.acts[2]).view(T, n_head_kv, head_dim)
     if w.q_norm is not None:
         q, k = rms_norm(q, w.q_norm, eps).to(v.dtype), rms_norm(k, w.k_norm, eps).to(v.dtype)
     q, k = rope(q, pos, theta, neox), rope(k, pos, theta, neox)
@@ -82,11 +137,19 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     kv.k[layer, start: start + T] = k
     kv.v[layer, start: start + T] = v
     keys, values = kv.k[layer, : start + T], kv.v[layer, : start + T]
-    # [H, T, D] @ [H, D, S]: causal over the cached prefix and the new tokens
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-        attn_mask=_causal_mask(T, start, x.device), enable_gqa=n_head != n_head_kv)
-    return (out.transpose(0, 1).reshape(T, n_head * head_dim) @ w.o.T).float()
+    mask = _causal_mask(T, start, x.device)
+    if w.f16_kv:  # as llama.cpp's CPU attention: fp16 K, V and Q, softmax in f32 rounded to fp16 for V
+        r = lambda t: t.half().float()  # noqa: E731
+        rep = n_head // n_head_kv
+        kk, vv = r(keys).repeat_interleave(rep, 1), r(values).repeat_interleave(rep, 1)
+        att = torch.einsum("thd,shd->hts", r(q.float()), kk) / head_dim ** 0.5
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        out = torch.einsum("hts,shd->thd", r(att), vv).to(v.dtype)
+    else:  # [H, T, D] @ [H, D, S]: causal over the cached prefix and the new tokens
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=mask, enable_gqa=n_head != n_head_kv).transpose(0, 1)
+    return mm(out.reshape(T, n_head * head_dim), w.o, w.acts[3]).float()
 
 
 def _causal_mask(T: int, start: int, device) -> torch.Tensor:
@@ -110,18 +173,17 @@ def route(h: torch.Tensor, router: torch.Tensor, k: int, norm_topk: bool) -> tup
     return w, ids
 
 
-def expert_ffn(h: torch.Tensor, expert, dtype: torch.dtype) -> torch.Tensor:
+def expert_ffn(h: torch.Tensor, expert, dtype: torch.dtype, llama_numerics: bool = False) -> torch.Tensor:
     """SwiGLU expert on the rows h [n, n_embd]; ``expert`` holds raw GGML blocks from the cache."""
-    def W(name: str) -> torch.Tensor:
+    def proj(x: torch.Tensor, name: str) -> torch.Tensor:
         b = expert.blocks[name]
-        return dequantize(b.data, b.qtype, b.shape, dtype)
+        return mm(x, dequantize(b.data, b.qtype, b.shape, dtype), act_for(b.qtype) if llama_numerics else None)
 
-    gate, up, down = W("gate"), W("up"), W("down")
-    return (F.silu(h @ gate.T) * (h @ up.T)) @ down.T
+    return proj(F.silu(proj(h, "gate")) * proj(h, "up"), "down")
 
 
 def moe(x: torch.Tensor, w: MoEWeights, layer: int, experts: ExpertSource, n_used: int, norm_topk: bool,
-        eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        eps: float, dtype: torch.dtype, llama_numerics: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed-expert FFN for all tokens at once: each expert the batch needs is fetched once.
 
     Returns (output [T, n_embd], expert ids [T, k]).
@@ -129,13 +191,18 @@ def moe(x: torch.Tensor, w: MoEWeights, layer: int, experts: ExpertSource, n_use
     h = rms_norm(x, w.norm, eps)
     weights, ids = route(h, w.router, n_used, norm_topk)
     needed = torch.unique(ids).tolist()
-    got = experts.get(layer, needed)
     out = torch.zeros_like(x, dtype=torch.float32)
     hd = h.to(dtype)
-    for e, expert in zip(needed, got):
-        rows, slot = (ids == e).nonzero(as_tuple=True)
-        y = expert_ffn(hd[rows], expert, dtype)
-        out.index_add_(0, rows, y.float() * weights[rows, slot, None])
+    # a long prompt can need more of a layer's experts than the device tier holds: take them in groups
+    cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
+    for start in range(0, len(needed), cap):
+        group = needed[start: start + cap]
+        for e, expert in zip(group, experts.get(layer, group)):
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            y = expert_ffn(hd[rows], expert, dtype, llama_numerics)
+            out.index_add_(0, rows, y.float() * weights[rows, slot, None])
+        if len(needed) > cap:
+            experts.release()
     return out, ids
 
 

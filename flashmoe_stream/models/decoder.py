@@ -9,28 +9,36 @@ current hidden state and prefetched while this layer's experts compute.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from ..config import ModelConfig
-from .common import AttentionWeights, ExpertSource, KVCache, MoEWeights, attention, moe, predict_next, rms_norm
+from .common import (AttentionWeights, ExpertSource, KVCache, MoEWeights, act_for, attention, mm, moe, predict_next,
+                     rms_norm)
 
 
 class MoEDecoder:
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
-                 prefetch: bool = True):
+                 prefetch: bool = True, weight_types: Mapping[str, Any] | None = None):
+        """``weight_types`` (GGUF name → ggml type of the dense weights): when given, activations are
+        rounded as llama.cpp's CPU kernels round them (see common.act_for), so logits match llama.cpp's."""
         self.cfg, self.experts, self.prefetch = cfg, experts, prefetch
+        self.llama_numerics = weight_types is not None
+        act = (lambda name: act_for(weight_types[name])) if weight_types is not None else (lambda name: None)
         W = weights.__getitem__
         self.embd = W("token_embd.weight")
         self.out_norm = W("output_norm.weight")
         self.output = weights.get("output.weight", self.embd)  # tied embeddings where there is no output
+        self.output_act = act("output.weight" if "output.weight" in weights else "token_embd.weight")
         self.dtype, self.device = self.attn_dtype(weights), self.embd.device
         self.attn, self.ffn = [], []
         for i in range(cfg.n_layer):
             b = f"blk.{i}."
             self.attn.append(AttentionWeights(
                 W(b + "attn_norm.weight"), W(b + "attn_q.weight"), W(b + "attn_k.weight"), W(b + "attn_v.weight"),
-                W(b + "attn_output.weight"), weights.get(b + "attn_q_norm.weight"), weights.get(b + "attn_k_norm.weight")))
+                W(b + "attn_output.weight"), weights.get(b + "attn_q_norm.weight"), weights.get(b + "attn_k_norm.weight"),
+                tuple(act(b + f"attn_{p}.weight") for p in ("q", "k", "v", "output")), self.llama_numerics))
             self.ffn.append(MoEWeights(W(b + "ffn_norm.weight"), W(b + "ffn_gate_inp.weight")))
 
     @staticmethod
@@ -59,9 +67,9 @@ class MoEDecoder:
             if self.prefetch and i + 1 < c.n_layer:
                 self.experts.prefetch(i + 1, predict_next(x, self.ffn[i + 1], c.n_expert_used, c.rms_eps))
             y, ids = moe(x, self.ffn[i], i, self.experts, c.n_expert_used, c.expert_weights_norm, c.rms_eps,
-                        self.dtype)
+                        self.dtype, self.llama_numerics)
             x = x + y
             if on_route is not None:
                 on_route(i, ids)
         kv.length += T
-        return (rms_norm(x, self.out_norm, c.rms_eps).to(self.dtype) @ self.output.T).float()
+        return mm(rms_norm(x, self.out_norm, c.rms_eps).to(self.dtype), self.output, self.output_act).float()

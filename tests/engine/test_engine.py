@@ -19,12 +19,12 @@ TOKENS = np.random.default_rng(5).integers(0, 300, 20).tolist()
 
 
 @pytest.mark.parametrize("arch,qtype", [("qwen3moe", "Q4_K_M"), ("llama", "Q8_0")])
-@pytest.mark.parametrize("budget", ["100%", "30%"])
+@pytest.mark.parametrize("budget", ["100%", "30%", "10%"])
 @pytest.mark.parametrize("policy", ["lfru", "lru", "layer-aware"])
 def test_logits_equal_reference_at_any_budget(make_model, arch, qtype, budget, policy):
     path = make_model(arch, qtype)
     ref = forward(open_gguf(path), TOKENS)[0]
-    with fms.Engine.open(path, ram_cache=budget, policy=policy) as eng:
+    with fms.Engine.open(path, ram_cache=budget, policy=policy, llama_numerics=False) as eng:
         got = eng.logits(TOKENS)
         again = eng.logits(TOKENS)  # now partly from the cache
         s = eng.stats()["total"]
@@ -134,8 +134,9 @@ def test_cli_run_missing_model(tmp_path):
 def test_cuda_engine_equals_reference_at_any_budget(make_model):
     path = make_model("qwen3moe", "Q4_K_M")
     ref = forward(open_gguf(path), TOKENS)[0]
-    with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="100%", dtype=torch.float32) as a, \
-            fms.Engine.open(path, device="cuda", vram_cache="30%", ram_cache="30%", dtype=torch.float32) as b:
+    kw = dict(device="cuda", dtype=torch.float32, llama_numerics=False)
+    with fms.Engine.open(path, vram_cache="100%", ram_cache="100%", **kw) as a, \
+            fms.Engine.open(path, vram_cache="30%", ram_cache="30%", **kw) as b:
         full, tight = a.logits(TOKENS), b.logits(TOKENS)
         assert b.stats()["total"]["h2d_bytes"] > 0
     assert torch.allclose(full, ref, atol=1e-3, rtol=1e-3)
@@ -149,3 +150,18 @@ def test_cuda_engine_bf16_generates(make_model):
         got = eng.logits(TOKENS)
     ref = forward(open_gguf(make_model("llama", "Q4_K_M")), TOKENS)[0]
     assert text and (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+def test_engine_logits_agree_with_llama_cpp_on_q4_k_m(make_model, llama_cpp, arch):
+    """With llama.cpp's activation rounding (the default), every position's argmax is llama.cpp's and
+    no logit is further than 2 % of the reference's logit range."""
+    path = make_model(arch, "Q4_K_M")
+    toks = np.random.default_rng(1).integers(0, 300, 48).tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, n_batch=64, logits_all=True, verbose=False)
+    llm.eval(toks)
+    ref = np.asarray(llm.scores[: len(toks)])
+    with fms.Engine.open(path, ram_cache="10%") as eng:
+        ours = eng.logits(toks).numpy()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
