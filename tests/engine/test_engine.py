@@ -30,7 +30,9 @@ def test_logits_equal_reference_at_any_budget(make_model, arch, qtype, budget, p
         s = eng.stats()["total"]
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(got, again)
-    assert s["device_hits"] > 0 and s["disk_bytes"] > 0
+    assert s["disk_bytes"] > 0
+    if budget == "100%":  # everything fits: the second pass reads nothing new
+        assert s["device_hits"] >= s["device_misses"] > 0
 
 
 def test_a_store_and_its_gguf_give_the_same_logits(make_model, tmp_path):
