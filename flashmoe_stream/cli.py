@@ -158,6 +158,12 @@ def cmd_bench_io(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def cmd_bench_run(a: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(a)
+
+
 def cmd_bench_dequant(a: argparse.Namespace) -> int:
     from .quant.bench import bench_dequant
 
@@ -245,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json)").add_subparsers(
         dest="what", required=True, metavar="BENCH")
+    s = bench.add_parser("run", parents=[common], help="decode tok/s (teacher-forced, varied tokens) against the "
+                                                       "I/O bound measured in the same run")
+    from .bench import add_arguments as bench_run_arguments
+
+    bench_run_arguments(s)
+    s.set_defaults(fn=cmd_bench_run)
     s = bench.add_parser("dequant", parents=[common], help="dequantisation throughput per ggml type")
     s.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default: cpu)")
     s.add_argument("--mib", type=int, default=64, help="MiB of quantised input per type (default: 64)")

@@ -86,3 +86,14 @@ def test_repack_verify_and_bench_io_through_the_main_cli(make_model, tmp_path):
     r = run("bench", "io", store, "--queue-depths", "1,4", "--seconds", "0.2", "--json")
     assert r.returncode == 0, r.stderr
     assert [d["queue_depth"] for d in json.loads(r.stdout)["depths"]] == [1, 4]
+
+
+def test_bench_run_reports_decode_against_the_io_bound(make_model):
+    r = run("bench", "run", make_model("qwen3moe", "Q8_0"), "--ram-cache", "30%", "--tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["decode"]["tokens"] == 6 and d["decode"]["tok_per_s"] > 0
+    assert d["miss_bytes_per_token"] > 0 and d["io_bound_tok_per_s"] > 0  # 30 %: some experts must be read
+    assert d["ratio_to_io_bound"] == round(d["decode"]["tok_per_s"] / d["io_bound_tok_per_s"], 3) or \
+        abs(d["ratio_to_io_bound"] - d["decode"]["tok_per_s"] / d["io_bound_tok_per_s"]) < 0.01
+    assert d["distinct_expert_sets_per_layer_min"] >= 4  # teacher-forced tokens route variously

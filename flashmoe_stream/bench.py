@@ -1,0 +1,98 @@
+"""`flashmoe bench run MODEL`: decode speed against the I/O bound measured in the same run.
+
+Decode is teacher-forced with varied random tokens (greedy decoding of a random-weight model soon
+repeats one token and one expert set, which would make any cache look perfect); the routing's
+variety is reported. The I/O bound is the disk's raw sequential O_DIRECT bandwidth (measured just
+before, on the same files) divided by the bytes read from disk per decoded token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, policy: str = "lfru",
+              prefetch: bool = True, tokens: int = 64, prompt_tokens: int = 16, seed: int = 0,
+              seq_seconds: float = 3.0) -> dict:
+    import torch
+
+    from .engine import Engine
+    from .io.bench import _drop_cache, raw_sequential
+
+    with Engine.open(model, device=device, vram_cache=vram_cache, ram_cache=ram_cache, policy=policy,
+                     prefetch=prefetch, n_ctx=prompt_tokens + tokens + 1) as eng:
+        files = sorted({r.path for layer in eng.store.layers for r in eng.store.layout(layer, 0).ranges})
+        seq = raw_sequential(max(files, key=lambda p: p.stat().st_size), seq_seconds)
+        _drop_cache(files)
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(0, min(eng.config.n_vocab, 32000), prompt_tokens + tokens).tolist()
+        kv = eng.model.new_kv_cache(prompt_tokens + tokens)
+        routes: dict[int, set] = {}
+
+        def on_route(layer, r):
+            routes.setdefault(layer, set()).update(tuple(sorted(x)) for x in r.tolist())
+
+        t0 = time.perf_counter()
+        eng.model.forward(torch.tensor(ids[:prompt_tokens]), kv, on_route)
+        prefill_s = time.perf_counter() - t0
+        before = eng.cache.stats()["total"]
+        t0 = time.perf_counter()
+        for tok in ids[prompt_tokens:]:
+            eng.model.forward(torch.tensor([tok]), kv, on_route)
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize(eng.device)
+        decode_s = time.perf_counter() - t0
+        after = eng.cache.stats()["total"]
+    d = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+    miss_per_tok = d["disk_bytes"] / tokens
+    bound = seq["gb_per_s"] * 1e9 / miss_per_tok if miss_per_tok else float("inf")
+    tok_s = tokens / decode_s
+
+    def rate(h, m):
+        return d[h] / (d[h] + d[m]) if d[h] + d[m] else None
+
+    return {
+        "model": str(model), "device": device, "policy": policy, "prefetch": prefetch,
+        "budgets": {"vram_cache": vram_cache, "ram_cache": ram_cache},
+        "prefill": {"tokens": prompt_tokens, "seconds": round(prefill_s, 3)},
+        "decode": {"tokens": tokens, "seconds": round(decode_s, 3), "tok_per_s": round(tok_s, 3)},
+        "disk_raw_sequential_gb_per_s": seq["gb_per_s"],
+        "miss_bytes_per_token": int(miss_per_tok),
+        "io_bound_tok_per_s": round(bound, 3),
+        "ratio_to_io_bound": round(tok_s / bound, 3) if bound != float("inf") else None,
+        "device_hit_rate": rate("device_hits", "device_misses"),
+        "host_hit_rate": rate("host_hits", "host_misses"),
+        "prefetch_recall": d["prefetch_useful"] / d["requests"] if d["requests"] else None,
+        "prefetch_precision": d["prefetch_useful"] / d["prefetch_issued"] if d["prefetch_issued"] else None,
+        "waited_on_io_s": round(d["wait_s"], 3),
+        "distinct_expert_sets_per_layer_min": min(len(v) for v in routes.values()),
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a GGUF (any shard) or an expert store")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--vram-cache", metavar="SIZE")
+    p.add_argument("--ram-cache", metavar="SIZE")
+    p.add_argument("--policy", default="lfru")
+    p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--tokens", type=int, default=64, help="decoded tokens, teacher-forced (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+
+
+def run(a: argparse.Namespace) -> int:
+    r = bench_run(a.model, a.device, a.vram_cache, a.ram_cache, a.policy, not a.no_prefetch, a.tokens,
+                  a.prompt_tokens)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"decode {r['decode']['tok_per_s']:.2f} tok/s; I/O bound {r['io_bound_tok_per_s']:.2f} tok/s "
+              f"({r['disk_raw_sequential_gb_per_s']:.2f} GB/s ÷ {r['miss_bytes_per_token'] / 1e6:.1f} MB missed per "
+              f"token) → ratio {r['ratio_to_io_bound']}; hits device {r['device_hit_rate']}, host "
+              f"{r['host_hit_rate']}; prefetch recall {r['prefetch_recall']}; waited {r['waited_on_io_s']} s on I/O")
+    return 0
