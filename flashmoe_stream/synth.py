@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFWriter, LlamaFileType, TokenType
 
 from . import quant
+from .engine.tokenizer import byte_alphabet, merge_pair
 from .io.writer import AppendWriter, fsync_path
 from .errors import UnsupportedError
 
@@ -113,16 +114,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's printable stand-in character for every byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    extra = (b for b in range(256) if b not in keep)
-    table = {b: chr(b) for b in keep}
-    for n, b in enumerate(extra):
-        table[b] = chr(256 + n)
-    return dict(sorted(table.items()))
-
-
 def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
     """Byte-level BPE: returns (tokens, merges); tokens are the 256 bytes then one per merge."""
     alpha = byte_alphabet()
@@ -138,17 +129,9 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
         (a, b), _count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
         merges.append(f"{a} {b}")
         tokens.append(a + b)
-        merged = Counter()
+        merged: Counter = Counter()
         for w, n in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            merged[tuple(out)] += n
+            merged[tuple(merge_pair(w, a, b))] += n
         words = merged
     return tokens, merges
 

@@ -8,7 +8,8 @@ from gguf import GGMLQuantizationType as Q, MODEL_ARCH_NAMES, MODEL_TENSORS, TEN
 from flashmoe_stream import synth as synth_mod
 from flashmoe_stream.gguf_file import open_gguf
 from flashmoe_stream.quant import dequantize
-from flashmoe_stream.synth import PRESETS, QTYPES, byte_alphabet, synth, train_bpe
+from flashmoe_stream.engine.tokenizer import byte_alphabet
+from flashmoe_stream.synth import PRESETS, QTYPES, synth, train_bpe
 
 from .reference import forward, weight
 

@@ -62,8 +62,8 @@ _CLEAN_SPACES_OFF = {"qwen2", "deepseek-r1-qwen"}
 _ADD_BOS_DEFAULT_ON = {"llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"}
 
 
-def _byte_alphabet() -> tuple[dict[int, str], dict[str, int]]:
-    """GPT-2's printable stand-in character for every byte, and the way back."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte value (byte-level BPE's alphabet)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     table = {b: chr(b) for b in keep}
     n = 0
@@ -71,10 +71,24 @@ def _byte_alphabet() -> tuple[dict[int, str], dict[str, int]]:
         if b not in table:
             table[b] = chr(256 + n)
             n += 1
-    return table, {c: b for b, c in table.items()}
+    return dict(sorted(table.items()))
 
 
-_BYTE_TO_CHAR, _CHAR_TO_BYTE = _byte_alphabet()  # constant tables, never mutated
+def merge_pair(symbols: list[str] | tuple[str, ...], a: str, b: str) -> list[str]:
+    """``symbols`` with every adjacent (a, b) replaced by a + b, left to right (one BPE merge)."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+            merged.append(a + b)
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
+_BYTE_TO_CHAR = byte_alphabet()  # constant tables, never mutated
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
 def _as_list(value: Any) -> list:
@@ -287,16 +301,7 @@ class Tokenizer:
                         best, best_rank = pair, r
                 if best is None:
                     break
-                a, b = best
-                merged, i = [], 0
-                while i < len(syms):
-                    if i + 1 < len(syms) and syms[i] == a and syms[i + 1] == b:
-                        merged.append(a + b)
-                        i += 2
-                    else:
-                        merged.append(syms[i])
-                        i += 1
-                syms = merged
+                syms = merge_pair(syms, *best)
             ids = []
             for s in syms:
                 t = self._token_to_id.get(s)
