@@ -67,7 +67,8 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         "device_hit_rate": rate("device_hits", "device_misses"),
         "host_hit_rate": rate("host_hits", "host_misses"),
         "prefetch_recall": d["prefetch_useful"] / d["requests"] if d["requests"] else None,
-        "prefetch_precision": d["prefetch_useful"] / d["prefetch_issued"] if d["prefetch_issued"] else None,
+        # over the whole run: a prefetch issued during prefill can be used during decode
+        "prefetch_precision": after["prefetch_useful"] / after["prefetch_issued"] if after["prefetch_issued"] else None,
         "waited_on_io_s": round(d["wait_s"], 3),
         "distinct_expert_sets_per_layer_min": min(len(v) for v in routes.values()),
     }
