@@ -114,11 +114,27 @@ class LRU:
         raise _none_left(candidates)
 
 
-class LFU:
-    """Least frequently used while resident; ties go to the least recently used. A prefetched key starts at 0."""
+class _HeapPolicy:
+    """A policy that ranks the resident keys in a _LazyHeap and evicts the lowest-ranked candidate."""
 
     def __init__(self) -> None:
         self._heap = _LazyHeap()
+
+    def on_evict(self, key: Key) -> None:
+        self._heap.remove(key)
+
+    def victim(self, candidates: Collection[Key]) -> Key:
+        k = self._heap.first(candidates)
+        if k is None:
+            raise _none_left(candidates)
+        return k
+
+
+class LFU(_HeapPolicy):
+    """Least frequently used while resident; ties go to the least recently used. A prefetched key starts at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self._count: dict[Key, int] = {}
         self._clock = 0
 
@@ -134,16 +150,10 @@ class LFU:
 
     def on_evict(self, key: Key) -> None:
         self._count.pop(key, None)
-        self._heap.remove(key)
-
-    def victim(self, candidates: Collection[Key]) -> Key:
-        k = self._heap.first(candidates)
-        if k is None:
-            raise _none_left(candidates)
-        return k
+        super().on_evict(key)
 
 
-class LFRU:
+class LFRU(_HeapPolicy):
     """Recency-weighted frequency: score = Σ decay^(now − t) over the key's accesses, time counted in accesses.
 
     The lowest score is evicted. ``decay`` near 1 behaves like LFU, near 0 like LRU; the default halves a
@@ -155,8 +165,8 @@ class LFRU:
     def __init__(self, decay: float = 0.5 ** (1 / 1024)) -> None:
         if not 0.0 < decay < 1.0:
             raise FlashMoeError(f"lfru decay must be between 0 and 1 (exclusive), got {decay}")
+        super().__init__()
         self._lam = -math.log(decay)
-        self._heap = _LazyHeap()
         self._hist: dict[Key, tuple[float, int]] = {}  # key -> (S at its last access, time of that access)
         self._now = 0
 
@@ -179,15 +189,6 @@ class LFRU:
     def on_insert(self, key: Key) -> None:
         # a key never used sorts below every used one; among such keys the older insert goes first
         self._heap.set(key, (self._log_score_rank(key), self._now))
-
-    def on_evict(self, key: Key) -> None:
-        self._heap.remove(key)
-
-    def victim(self, candidates: Collection[Key]) -> Key:
-        k = self._heap.first(candidates)
-        if k is None:
-            raise _none_left(candidates)
-        return k
 
 
 class LayerAware:
@@ -258,7 +259,7 @@ class LayerAware:
         return best
 
 
-class Belady:
+class Belady(_HeapPolicy):
     """Offline optimal (MIN): evict the key whose next use in the known ``future`` is farthest (never = ∞).
 
     ``future`` is the whole sequence of keys that will be accessed. Each ``on_access(key)`` consumes the
@@ -274,7 +275,7 @@ class Belady:
             self._pos[tuple(k)].append(i)
         self._idx: dict[Key, int] = {}  # key -> index into _pos[key] of its next use
         self._t = 0
-        self._heap = _LazyHeap()  # priority: −next use
+        super().__init__()  # heap priority: −next use
 
     def _next_use(self, key: Key) -> float:
         pos = self._pos.get(key, ())
@@ -292,15 +293,6 @@ class Belady:
 
     def on_insert(self, key: Key) -> None:
         self._heap.set(key, -self._next_use(key))
-
-    def on_evict(self, key: Key) -> None:
-        self._heap.remove(key)
-
-    def victim(self, candidates: Collection[Key]) -> Key:
-        k = self._heap.first(candidates)
-        if k is None:
-            raise _none_left(candidates)
-        return k
 
 
 _BUILTIN: dict[str, Callable[..., Any]] = {
