@@ -33,7 +33,7 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         kv = eng.model.new_kv_cache(prompt_tokens + tokens)
         routes: dict[int, set] = {}
 
-        def on_route(layer, r):
+        def on_route(layer, r, _w):
             routes.setdefault(layer, set()).update(tuple(sorted(x)) for x in r.tolist())
 
         t0 = time.perf_counter()

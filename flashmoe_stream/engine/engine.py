@@ -136,7 +136,7 @@ class Engine:
         if len(ids) >= self.n_ctx:
             raise FlashMoeError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx} (raise -c)")
         stats = self.last = GenerationStats(prompt_tokens=len(ids))
-        on_route = (lambda layer, r: stats.routes.append((layer, r.cpu()))) if record_routes else None
+        on_route = (lambda layer, r, w: stats.routes.append((layer, r.cpu(), w.cpu()))) if record_routes else None
         sample = Sampler(params)
         kv = self.model.new_kv_cache(min(self.n_ctx, len(ids) + max_tokens))
         decoder = self.tokenizer.incremental_decoder()

@@ -182,17 +182,13 @@ def expert_ffn(h: torch.Tensor, expert, dtype: torch.dtype, llama_numerics: bool
     return proj(F.silu(proj(h, "gate")) * proj(h, "up"), "down")
 
 
-def moe(x: torch.Tensor, w: MoEWeights, layer: int, experts: ExpertSource, n_used: int, norm_topk: bool,
-        eps: float, dtype: torch.dtype, llama_numerics: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The routed-expert FFN for all tokens at once: each expert the batch needs is fetched once.
-
-    Returns (output [T, n_embd], expert ids [T, k]).
-    """
-    h = rms_norm(x, w.norm, eps)
-    weights, ids = route(h, w.router, n_used, norm_topk)
+def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int, experts: ExpertSource,
+                dtype: torch.dtype, llama_numerics: bool = False) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(hd[t]) for every row t: each expert the rows need is
+    fetched once from ``experts``. hd [T, n_embd] (already normed, in ``dtype``); returns float32.
+    Shared by every architecture's MoE block (routing is the architecture's own business)."""
     needed = torch.unique(ids).tolist()
-    out = torch.zeros_like(x, dtype=torch.float32)
-    hd = h.to(dtype)
+    out = torch.zeros(hd.shape, dtype=torch.float32, device=hd.device)
     # a long prompt can need more of a layer's experts than the device tier holds: take them in groups
     cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
     for start in range(0, len(needed), cap):
@@ -203,7 +199,19 @@ def moe(x: torch.Tensor, w: MoEWeights, layer: int, experts: ExpertSource, n_use
             out.index_add_(0, rows, y.float() * weights[rows, slot, None])
         if len(needed) > cap:
             experts.release()
-    return out, ids
+    return out
+
+
+def moe(x: torch.Tensor, w: MoEWeights, layer: int, experts: ExpertSource, n_used: int, norm_topk: bool,
+        eps: float, dtype: torch.dtype, llama_numerics: bool = False
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed-expert FFN (softmax top-k gating) for all tokens at once.
+
+    Returns (output [T, n_embd], expert ids [T, k], router weights [T, k]).
+    """
+    h = rms_norm(x, w.norm, eps)
+    weights, ids = route(h, w.router, n_used, norm_topk)
+    return run_experts(h.to(dtype), weights, ids, layer, experts, dtype, llama_numerics), ids, weights
 
 
 def predict_next(x: torch.Tensor, nxt: MoEWeights, n_used: int, eps: float) -> list[int]:

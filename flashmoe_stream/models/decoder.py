@@ -8,17 +8,18 @@ current hidden state and prefetched while this layer's experts compute.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..config import ModelConfig
+from .base import StreamingDecoder
 from .common import (AttentionWeights, ExpertSource, KVCache, MoEWeights, act_for, attention, mm, moe, predict_next,
                      rms_norm)
 
 
-class MoEDecoder:
+class MoEDecoder(StreamingDecoder):
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
                  prefetch: bool = True, weight_types: Mapping[str, Any] | None = None):
         """``weight_types`` (GGUF name → ggml type of the dense weights): when given, activations are
@@ -32,14 +33,14 @@ class MoEDecoder:
         self.output = weights.get("output.weight", self.embd)  # tied embeddings where there is no output
         self.output_act = act("output.weight" if "output.weight" in weights else "token_embd.weight")
         self.dtype, self.device = self.attn_dtype(weights), self.embd.device
-        self.attn, self.ffn = [], []
+        self.attn, self.ffn_w = [], []
         for i in range(cfg.n_layer):
             b = f"blk.{i}."
             self.attn.append(AttentionWeights(
                 W(b + "attn_norm.weight"), W(b + "attn_q.weight"), W(b + "attn_k.weight"), W(b + "attn_v.weight"),
                 W(b + "attn_output.weight"), weights.get(b + "attn_q_norm.weight"), weights.get(b + "attn_k_norm.weight"),
                 tuple(act(b + f"attn_{p}.weight") for p in ("q", "k", "v", "output")), self.llama_numerics))
-            self.ffn.append(MoEWeights(W(b + "ffn_norm.weight"), W(b + "ffn_gate_inp.weight")))
+            self.ffn_w.append(MoEWeights(W(b + "ffn_norm.weight"), W(b + "ffn_gate_inp.weight")))
 
     @staticmethod
     def attn_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -49,27 +50,22 @@ class MoEDecoder:
         c = self.cfg
         return KVCache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, self.device, self.dtype)
 
-    @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, kv: KVCache,
-                on_route: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Logits [T, n_vocab] (float32) for the new tokens [T], appended to ``kv``."""
-        c = self.cfg
-        T = tokens.shape[0]
-        if kv.length + T > kv.n_ctx:
-            from ..errors import BudgetError
+    # --- the pieces StreamingDecoder's layer loop calls ------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embd[tokens].float()  # the residual stream is float32
 
-            raise BudgetError(f"context full: {kv.length} + {T} tokens > n_ctx {kv.n_ctx} (raise -c)")
-        pos = torch.arange(kv.length, kv.length + T, device=self.device)
-        x = self.embd[tokens.to(self.device)].float()  # the residual stream is float32
-        for i in range(c.n_layer):
-            x = x + attention(x, self.attn[i], i, kv, pos, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps,
-                              c.rope_theta, c.rope_neox)
-            if self.prefetch and i + 1 < c.n_layer:
-                self.experts.prefetch(i + 1, predict_next(x, self.ffn[i + 1], c.n_expert_used, c.rms_eps))
-            y, ids = moe(x, self.ffn[i], i, self.experts, c.n_expert_used, c.expert_weights_norm, c.rms_eps,
-                        self.dtype, self.llama_numerics)
-            x = x + y
-            if on_route is not None:
-                on_route(i, ids)
-        kv.length += T
-        return mm(rms_norm(x, self.out_norm, c.rms_eps).to(self.dtype), self.output, self.output_act).float()
+    def attend(self, i: int, x: torch.Tensor, kv: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return attention(x, self.attn[i], i, kv, pos, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps, c.rope_theta,
+                         c.rope_neox)
+
+    def ffn(self, i: int, x: torch.Tensor):
+        c = self.cfg
+        return moe(x, self.ffn_w[i], i, self.experts, c.n_expert_used, c.expert_weights_norm, c.rms_eps, self.dtype,
+                   self.llama_numerics)
+
+    def predict(self, i: int, x: torch.Tensor) -> list[int]:
+        return predict_next(x, self.ffn_w[i], self.cfg.n_expert_used, self.cfg.rms_eps)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return mm(rms_norm(x, self.out_norm, self.cfg.rms_eps).to(self.dtype), self.output, self.output_act).float()

@@ -80,7 +80,7 @@ def test_routing_varies_during_generation(make_model):
         list(eng.generate(TOKENS, max_tokens=24, temperature=1.0, seed=1, record_routes=True))
         routes = eng.last.routes
     per_layer: dict = {}
-    for layer, ids in routes:
+    for layer, ids, _weights in routes:
         per_layer.setdefault(layer, set()).update(tuple(sorted(r)) for r in ids.tolist())
     assert all(len(sets) >= 6 for sets in per_layer.values())
 

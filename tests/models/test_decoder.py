@@ -83,3 +83,32 @@ def test_context_overflow_is_a_clear_error(make_model):
     kv = model.new_kv_cache(4)
     with pytest.raises(BudgetError, match="context full"):
         model.forward(torch.arange(5), kv)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+def test_batched_sequences_equal_each_alone(make_model, arch):
+    """forward_batch over sequences at different positions gives each one what it gets alone, and
+    fetches each layer's experts once for the union of what the batch routes to."""
+    path = make_model(arch, "Q8_0")
+    m = open_gguf(path)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (9, 4, 13)]
+    nxt = [rng.integers(0, 300, n).tolist() for n in (1, 1, 3)]
+    alone = []
+    for p, q in zip(prompts, nxt):
+        model = build_model(m.config, dense_weights(m), StoreExperts(path))
+        kv = model.new_kv_cache(32)
+        model.forward(torch.tensor(p), kv)
+        alone.append(model.forward(torch.tensor(q), kv))
+    experts = StoreExperts(path)
+    model = build_model(m.config, dense_weights(m), experts)
+    kvs = [model.new_kv_cache(32) for _ in prompts]
+    model.forward_batch([(torch.tensor(p), kv) for p, kv in zip(prompts, kvs)])
+    experts.gets.clear()
+    together = model.forward_batch([(torch.tensor(q), kv) for q, kv in zip(nxt, kvs)])
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    layers = [layer for layer, _ in experts.gets]
+    assert layers == list(range(m.config.n_layer))  # one get per layer for the whole batch
+    assert [kv.length for kv in kvs] == [10, 5, 16]
