@@ -68,10 +68,13 @@ class Engine:
     @classmethod
     def open(cls, path: str | os.PathLike, device: str = "cpu", vram_cache=None, ram_cache=None,
              policy: str = "lfru", prefetch: bool = True, n_ctx: int = 4096, dtype: torch.dtype | None = None,
-             threads: int = 8, llama_numerics: bool = True) -> "Engine":
+             threads: int = 8, llama_numerics: bool | None = None) -> "Engine":
         """Open a GGUF (any shard) or an expert store. Budgets: bytes, "8G"/"512M", or "10%" of the
         model's expert bytes; by default the device tier takes 80 % of free device memory left after
-        the dense weights and the host tier half of the available RAM."""
+        the dense weights and the host tier half of the available RAM. ``llama_numerics`` rounds the
+        activations before each quantised matmul as llama.cpp's CPU kernels do (logits then agree with
+        llama.cpp's to float rounding); by default on for the CPU, off on GPUs, where it costs time and
+        llama.cpp's own GPU kernels round differently anyway."""
         from ..cache import ExpertCache
         from ..gguf_file import open_gguf
         from ..io import ExpertStore
@@ -79,6 +82,8 @@ class Engine:
         from .tokenizer import Tokenizer
 
         dev = resolve_device(device)
+        if llama_numerics is None:
+            llama_numerics = dev.type == "cpu"
         dtype = dtype or (torch.bfloat16 if dev.type != "cpu" else torch.float32)
         store = ExpertStore(path)
         dense = open_gguf(store.dense_path)
