@@ -139,7 +139,7 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     kv.k[layer, start: start + T] = k
     kv.v[layer, start: start + T] = v
     keys, values = kv.k[layer, : start + T], kv.v[layer, : start + T]
-    mask = _causal_mask(T, start, x.device)
+    mask = _causal_mask(T, start, x.device) if (T > 1 or w.f16_kv) else None
     if w.f16_kv:  # as llama.cpp's CPU attention: fp16 K, V and Q, softmax in f32 rounded to fp16 for V
         r = lambda t: t.half().float()  # noqa: E731
         rep = n_head // n_head_kv
@@ -150,7 +150,7 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     else:  # [H, T, D] @ [H, D, S]: causal over the cached prefix and the new tokens
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            attn_mask=mask, enable_gqa=n_head != n_head_kv).transpose(0, 1)
+            attn_mask=None if T == 1 else mask, enable_gqa=n_head != n_head_kv).transpose(0, 1)
     return mm(out.reshape(T, n_head * head_dim), w.o, w.acts[3]).float()
 
 
