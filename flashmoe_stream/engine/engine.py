@@ -23,6 +23,7 @@ from .sampling import Sampler, SamplingParams
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prompt_cached: int = 0  # of prompt_tokens, those whose keys and values were kept from the last call
     prompt_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
@@ -30,7 +31,9 @@ class GenerationStats:
 
     @property
     def prompt_tok_s(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        """Prompt tokens actually computed per second (kept ones do not count)."""
+        n = self.prompt_tokens - self.prompt_cached
+        return n / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -64,6 +67,10 @@ class Engine:
         self.device, self.n_ctx = device, n_ctx
         self.config = model.cfg
         self.last = GenerationStats()
+        # the KV cache of the last generate() and the tokens whose keys and values it holds: a prompt
+        # that starts with those tokens (the next turn of a chat) only prefills what is new
+        self._kv = None
+        self._kv_tokens: list[int] = []
 
     @classmethod
     def open(cls, path: str | os.PathLike, device: str = "cpu", vram_cache=None, ram_cache=None,
@@ -143,10 +150,21 @@ class Engine:
         stats = self.last = GenerationStats(prompt_tokens=len(ids))
         on_route = (lambda layer, r, w: stats.routes.append((layer, r.cpu(), w.cpu()))) if record_routes else None
         sample = Sampler(params)
-        kv = self.model.new_kv_cache(min(self.n_ctx, len(ids) + max_tokens))
+        need = min(self.n_ctx, len(ids) + max_tokens)
+        kv, keep = self._kv, 0
+        if kv is not None and kv.n_ctx >= need:
+            keep = _common_prefix(self._kv_tokens, ids)
+            keep = min(keep, len(ids) - 1)  # the last prompt token is run again: its logits start the reply
+        else:  # room to grow: a chat's next turns reuse it
+            kv = self.model.new_kv_cache(min(self.n_ctx, max(2 * need, 512)))
+        self._kv = kv
+        kv.length = keep
+        fed = self._kv_tokens = ids[:keep]  # kept in step with kv, even if the caller stops iterating
+        stats.prompt_cached = keep
         decoder = self.tokenizer.incremental_decoder()
         t0 = time.perf_counter()
-        logits = self.model.forward(torch.tensor(ids), kv, on_route)[-1]
+        logits = self.model.forward(torch.tensor(ids[keep:]), kv, on_route)[-1]
+        fed.extend(ids[keep:])
         stats.prompt_seconds = time.perf_counter() - t0
         history = list(ids)
         t0 = time.perf_counter()
@@ -162,6 +180,7 @@ class Engine:
             if kv.length >= kv.n_ctx:
                 break
             logits = self.model.forward(torch.tensor([tok]), kv, on_route)[-1]
+            fed.append(tok)
             stats.decode_seconds = time.perf_counter() - t0
         stats.decode_seconds = time.perf_counter() - t0
         tail = decoder.flush()
@@ -170,7 +189,8 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.cache.stats()
-        s["generation"] = {"prompt_tokens": self.last.prompt_tokens, "prompt_tok_s": self.last.prompt_tok_s,
+        s["generation"] = {"prompt_tokens": self.last.prompt_tokens, "prompt_cached": self.last.prompt_cached,
+                           "prompt_tok_s": self.last.prompt_tok_s,
                            "decode_tokens": self.last.decode_tokens, "decode_tok_s": self.last.decode_tok_s}
         return s
 
@@ -182,6 +202,15 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
