@@ -17,14 +17,16 @@ import numpy as np
 
 def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, policy: str = "lfru",
               prefetch: bool = True, tokens: int = 64, prompt_tokens: int = 16, seed: int = 0,
-              seq_seconds: float = 3.0, warm: bool = False) -> dict:
+              seq_seconds: float = 3.0, warm: bool = False, threads: int = 8,
+              prefetch_ahead: int = 1) -> dict:
     import torch
 
     from .engine import Engine
     from .io.bench import _drop_cache, raw_sequential
 
     with Engine.open(model, device=device, vram_cache=vram_cache, ram_cache=ram_cache, policy=policy,
-                     prefetch=prefetch, n_ctx=prompt_tokens + tokens + 1) as eng:
+                     prefetch=prefetch, n_ctx=prompt_tokens + tokens + 1, threads=threads,
+                     prefetch_ahead=prefetch_ahead) as eng:
         files = sorted({r.path for layer in eng.store.layers for r in eng.store.layout(layer, 0).ranges})
         seq = raw_sequential(max(files, key=lambda p: p.stat().st_size), seq_seconds)
         hbm = _device_bandwidth(eng.device)
@@ -62,6 +64,7 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
 
     return {
         "model": str(model), "device": device, "policy": policy, "prefetch": prefetch, "warm": warm,
+        "io_threads": threads, "prefetch_ahead": prefetch_ahead,
         "budgets": {"vram_cache": vram_cache, "ram_cache": ram_cache},
         "prefill": {"tokens": prompt_tokens, "seconds": round(prefill_s, 3)},
         "decode": {"tokens": tokens, "seconds": round(decode_s, 3), "tok_per_s": round(tok_s, 3)},
@@ -127,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--tokens", type=int, default=64, help="decoded tokens, teacher-forced (default 64)")
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--io-threads", type=int, default=8, help="parallel disk reads (default 8)")
+    p.add_argument("--prefetch-ahead", type=int, default=1, metavar="N",
+                   help="after each attention, predict and prefetch the next N layers' experts (default 1)")
     p.add_argument("--warm", action="store_true",
                    help="run the same tokens once, untimed, first (measures decode with a filled cache)")
     p.add_argument("--json", action="store_true")
@@ -134,7 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     r = bench_run(a.model, a.device, a.vram_cache, a.ram_cache, a.policy, not a.no_prefetch, a.tokens,
-                  a.prompt_tokens, warm=a.warm)
+                  a.prompt_tokens, warm=a.warm,
+                  threads=a.io_threads, prefetch_ahead=a.prefetch_ahead)
     if a.json:
         print(json.dumps(r, indent=2))
     else:

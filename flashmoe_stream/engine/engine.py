@@ -75,7 +75,7 @@ class Engine:
     @classmethod
     def open(cls, path: str | os.PathLike, device: str = "cpu", vram_cache=None, ram_cache=None,
              policy: str = "lfru", prefetch: bool = True, n_ctx: int = 4096, dtype: torch.dtype | None = None,
-             threads: int = 8, llama_numerics: bool | None = None) -> "Engine":
+             threads: int = 8, llama_numerics: bool | None = None, prefetch_ahead: int = 1) -> "Engine":
         """Open a GGUF (any shard) or an expert store. Budgets: bytes, "8G"/"512M", or "10%" of the
         model's expert bytes; by default the device tier takes 80 % of free device memory left after
         the dense weights and the host tier half of the available RAM. ``llama_numerics`` rounds the
@@ -112,6 +112,7 @@ class Engine:
         try:
             types = {name: t.qtype for name, t in dense.tensors.items()} if llama_numerics else None
             model = build_model(cfg, weights, cache, prefetch=prefetch, weight_types=types)
+            model.prefetch_ahead = max(1, int(prefetch_ahead))
             tok = Tokenizer.from_metadata(dense.metadata)
         except BaseException:
             cache.close()
