@@ -13,6 +13,7 @@ from ..errors import UnsupportedError
 
 try:
     from .app import Defaults, create_app
+    from .bench import bench_serve
     from .server import Server
 except ImportError as e:
     if (e.name or "").split(".")[0] not in ("fastapi", "uvicorn", "starlette", "pydantic"):
@@ -20,4 +21,4 @@ except ImportError as e:
     raise UnsupportedError(f"the server needs {e.name or 'fastapi and uvicorn'}: "
                            "pip install 'flashmoe-stream[server]'") from None
 
-__all__ = ["Defaults", "Server", "create_app"]
+__all__ = ["Defaults", "Server", "bench_serve", "create_app"]
