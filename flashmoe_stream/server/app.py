@@ -96,7 +96,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     if e.get("type") == "json_invalid":
         return f"the body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})", None
-    param = ".".join(loc) or None
+    param = loc[0] if loc else None  # the request's field (deeper parts name union members, list indices)
     return (f"{param}: {e.get('msg')}" if param else str(e.get("msg"))), param
 
 

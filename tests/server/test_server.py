@@ -141,6 +141,8 @@ def _error(body):
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, 100000]}, "prompt"),
     ({"max_tokens": 4}, "prompt"),
+    ({"prompt": "hi", "seed": 2 ** 64}, "seed"),
+    ({"prompt": "hi", "stop": 5}, "stop"),
 ])
 def test_bad_completion_requests_are_400(server, body, param):
     status, _, out = request(server, "POST", "/v1/completions", body)
