@@ -257,6 +257,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
+            dropped = []  # cancelled while they waited
             with self._cond:
                 while not self._closed and not self._waiting and all(s.req is None for s in self._slots):
                     self._cond.wait()
@@ -268,9 +269,12 @@ class Scheduler:
                             req = self._waiting.popleft()
                             if req.handle.cancelled:
                                 self._counts["requests_cancelled"] += 1
+                                dropped.append(req)
                                 continue
                             slot.begin(req, self.tokenizer)
                             break
+            for req in dropped:
+                self._send(req, Finished("cancelled", len(req.prompt), 0))
             try:
                 self._step()
             except Exception:  # never let one step take the thread down

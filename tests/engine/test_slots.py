@@ -129,6 +129,17 @@ def test_cancel_frees_the_slot_for_the_next_request(eng):
     assert sch.stats()["requests_cancelled"] == 1
 
 
+def test_a_request_cancelled_while_it_waits_never_runs(eng):
+    sch = Scheduler(eng.model, eng.tokenizer, n_slots=1, n_ctx=64)
+    a, b = Recorder(), Recorder()
+    sch.submit([1, 2, 3], 3, GREEDY, a)
+    sch.submit([1, 2, 3], 3, GREEDY, b).cancel()
+    with sch:
+        assert a.result()[1] == Finished("length", 3, 3)
+        assert b.result() == ("", Finished("cancelled", 3, 0))
+    assert sch.stats()["requests_cancelled"] == 1 and sch.stats()["requests_ok"] == 1
+
+
 def test_an_emit_that_raises_cancels_its_request_only(eng):
     def broken(ev):
         raise RuntimeError("receiver gone")
