@@ -143,9 +143,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     sampling = SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, seed=a.seed)
     srv = Server(a.model, host=a.host, port=a.port, n_slots=a.parallel, n_ctx=a.ctx_size, n_predict=a.n_predict,
-                 max_queue=a.max_queue, api_key=a.api_key, alias=a.alias, sampling=sampling, device=a.device,
-                 vram_cache=a.vram_cache, ram_cache=a.ram_cache, policy=a.policy, prefetch=not a.no_prefetch,
-                 io_threads=a.io_threads, log_level="info" if a.verbose else "warning")
+                 n_batch=a.batch_size, max_queue=a.max_queue, api_key=a.api_key, alias=a.alias, sampling=sampling,
+                 device=a.device, vram_cache=a.vram_cache, ram_cache=a.ram_cache, policy=a.policy,
+                 prefetch=not a.no_prefetch, io_threads=a.io_threads, log_level="info" if a.verbose else "warning")
     print(f"flashmoe serve: {srv.model_id} on {srv.url}/v1 ({a.parallel} slots of {srv.scheduler.n_ctx_slot} "
           f"tokens; Ctrl-C stops)", file=sys.stderr)
 
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-np", "--parallel", type=int, default=2, help="slots: sequences decoded together (default 2)")
     s.add_argument("-c", "--ctx-size", type=int, default=4096,
                    help="context of all slots together; each slot gets c / np tokens (default 4096)")
+    s.add_argument("-b", "--batch-size", type=int, default=512,
+                   help="tokens one step feeds at most: long prompts are prefilled in chunks of this size beside "
+                        "the decoding slots (default 512)")
     s.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for a slot before new ones get 503 (default 16)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

@@ -8,7 +8,8 @@
     sched.close()
 
 Each step runs one ``model.forward_batch`` over every active sequence: the prompts just admitted as
-their own segments (prefill) and one token for each sequence already decoding, so a layer's experts
+their own segments (prefill, in chunks of at most ``n_batch`` tokens a step) and one token for each
+sequence already decoding, so a layer's experts
 are fetched once for the union of what all of them route to. ``n_ctx`` is split evenly across the
 slots (as llama-server does); requests beyond the slots wait in a bounded queue. The model and the
 cache are only ever driven from the scheduler thread; ``emit`` is called from it too and must not
@@ -134,7 +135,12 @@ class _Slot:
         self.decoder = tokenizer.incremental_decoder()
         self.stops = _StopScanner(req.stop)
         self.generated = 0
-        self.next_input = list(req.prompt)  # what the next forward feeds: the prompt, then one token each step
+        self.prefilled = 0  # prompt tokens in the cache so far (the prompt goes in chunks of at most n_batch)
+        self.next_input: list[int] = []  # after the prompt: the token sampled last, fed at the next step
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.req.prompt)
 
     def free(self) -> None:
         self.req = None
@@ -144,15 +150,21 @@ class Scheduler:
     """The slots and the one thread that drives the model. Thread-safe: ``submit``, ``stats``,
     ``Handle.cancel`` and ``close`` may be called from any thread."""
 
-    def __init__(self, model, tokenizer, n_slots: int = 1, n_ctx: int = 4096, max_queue: int = 16):
+    def __init__(self, model, tokenizer, n_slots: int = 1, n_ctx: int = 4096, max_queue: int = 16,
+                 n_batch: int = 512):
+        """``n_batch``: tokens one step feeds at most (prompts are prefilled in chunks so that one long
+        prompt does not stall the slots that are decoding; each decoding slot always gets its token)."""
         if n_slots < 1:
             raise FlashMoeError(f"-np {n_slots}: need at least one slot")
         if n_ctx // n_slots < 2:
-            raise FlashMoeError(f"-c {n_ctx} split across {n_slots} slots leaves {n_ctx // n_slots} tokens each; raise -c")
+            raise FlashMoeError(f"-c {n_ctx} split across {n_slots} slots leaves {n_ctx // n_slots} tokens each: "
+                                "raise -c")
         if max_queue < 0:
             raise FlashMoeError(f"a queue of {max_queue} requests: give 0 or more")
         self.model, self.tokenizer = model, tokenizer
-        self.n_slots, self.n_ctx_slot, self.max_queue = n_slots, n_ctx // n_slots, max_queue
+        if n_batch < 1:
+            raise FlashMoeError(f"-b {n_batch}: give at least 1 token per step")
+        self.n_slots, self.n_ctx_slot, self.max_queue, self.n_batch = n_slots, n_ctx // n_slots, max_queue, n_batch
         self._slots = [_Slot(i, model.new_kv_cache(self.n_ctx_slot)) for i in range(n_slots)]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
@@ -294,7 +306,17 @@ class Scheduler:
         active = [s for s in active if s.req is not None]
         if not active:
             return
-        segments = [(torch.tensor(s.next_input, dtype=torch.long), s.kv) for s in active]
+        feed = {}
+        for s in active:
+            if not s.prefilling:
+                feed[s.index] = s.next_input
+        budget = max(1, self.n_batch - len(feed))
+        for s in active:
+            if s.prefilling and budget > 0:
+                feed[s.index] = s.req.prompt[s.prefilled: s.prefilled + budget]
+                budget -= len(feed[s.index])
+        active = [s for s in active if s.index in feed]
+        segments = [(torch.tensor(feed[s.index], dtype=torch.long), s.kv) for s in active]
         t0 = time.perf_counter()
         try:
             logits = self.model.forward_batch(segments)
@@ -303,14 +325,19 @@ class Scheduler:
             for slot in active:
                 self._fail(slot, f"the forward pass failed ({type(e).__name__}: {e})")
             return
-        rows = sum(len(s.next_input) for s in active)
+        rows = sum(len(feed[s.index]) for s in active)
+        prompt_rows = sum(len(feed[s.index]) for s in active if s.prefilling)
         with self._cond:
             self._busy_s += time.perf_counter() - t0
             self._counts["steps"] += 1
             self._counts["batched_steps"] += len(active) > 1
-            self._counts["prompt_tokens"] += sum(len(s.next_input) for s in active if s.generated == 0)
+            self._counts["prompt_tokens"] += prompt_rows
             self._max_rows = max(self._max_rows, rows)
         for slot, out in zip(active, logits):
+            if slot.prefilling:
+                slot.prefilled += len(feed[slot.index])
+                if slot.prefilling:
+                    continue  # more of the prompt to go before the first token
             try:
                 self._advance(slot, out[-1])
             except Exception as e:

@@ -65,10 +65,15 @@ class _Message(_Body):
 class ChatRequest(_Sampling):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    tools: list | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -178,6 +183,9 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, metadata: dict | None
         if template is None:
             raise ApiError(400, "this model has no chat template: use /v1/completions with a plain prompt",
                            param="messages")
+        for name in ("logprobs", "tools"):
+            if getattr(body, name):
+                raise ApiError(400, f"{name} is not supported by this server", param=name)
         messages = []
         for m in body.messages:
             if isinstance(m.content, list):
@@ -204,6 +212,9 @@ def create_app(scheduler: Scheduler, tokenizer: Tokenizer, metadata: dict | None
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
+        for name in ("echo", "logprobs", "suffix"):
+            if getattr(body, name):
+                raise ApiError(400, f"{name} is not supported by this server", param=name)
         p = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:

@@ -130,7 +130,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("-m", "--model", help="start a server on 127.0.0.1 for this GGUF or store")
     s.add_argument("--url", help="or drive a server already running on this machine (http://127.0.0.1:8080)")
     s.add_argument("-np", "--parallel", type=int, default=2, help="slots of the server started here (default 2)")
-    s.add_argument("-c", "--ctx-size", type=int, default=4096, help="its context, split across the slots (default 4096)")
+    s.add_argument("-c", "--ctx-size", type=int, default=4096,
+                   help="its context, split across the slots (default 4096)")
     s.add_argument("--clients", type=int, help="concurrent clients (default: 2 x -np)")
     s.add_argument("--seconds", type=float, default=120, help="how long to send requests (default 120)")
     s.add_argument("--max-tokens", type=int, default=48, help="max_tokens of each request (default 48)")

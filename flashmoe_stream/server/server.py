@@ -47,8 +47,9 @@ class Server:
     """
 
     def __init__(self, model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8080, n_slots: int = 2,
-                 n_ctx: int = 4096, n_predict: int = 512, max_queue: int = 16, api_key: str | None = None,
-                 alias: str | None = None, sampling: SamplingParams = SamplingParams(), device: str = "cpu",
+                 n_ctx: int = 4096, n_predict: int = 512, max_queue: int = 16, n_batch: int = 512,
+                 api_key: str | None = None, alias: str | None = None, sampling: SamplingParams = SamplingParams(),
+                 device: str = "cpu",
                  vram_cache=None, ram_cache=None, policy: str = "lfru", prefetch: bool = True, io_threads: int = 8,
                  log_level: str = "warning"):
         if n_predict < 0:
@@ -59,7 +60,7 @@ class Server:
             self.engine = Engine.open(model, device=device, vram_cache=vram_cache, ram_cache=ram_cache, policy=policy,
                                       prefetch=prefetch, n_ctx=n_ctx, threads=io_threads, llama_numerics=False)
             self.scheduler = Scheduler(self.engine.model, self.engine.tokenizer, n_slots=n_slots, n_ctx=n_ctx,
-                                       max_queue=max_queue)
+                                       max_queue=max_queue, n_batch=n_batch)
             model_id = alias or _model_id(model)
             self.app = create_app(self.scheduler, self.engine.tokenizer, self.engine.metadata, model_id,
                                   cache_stats=self.engine.cache.stats,

@@ -91,6 +91,23 @@ def test_a_new_prompt_is_prefilled_beside_the_decoding_ones(eng, monkeypatch):
     assert joined and joined[0][0] == 1 and joined[0][1] == len(eng.tokenize("a second one"))
 
 
+def test_long_prompts_are_prefilled_in_chunks_of_n_batch(eng, monkeypatch):
+    prompts = [list(range(20, 30)), [7, 8, 9]]
+    alone = [eng.generate(p, max_tokens=6, temperature=0, stream=False) for p in prompts]
+    calls, _ = count_forwards(eng.model, monkeypatch)
+    recs = [Recorder(), Recorder()]
+    sch = Scheduler(eng.model, eng.tokenizer, n_slots=2, n_ctx=128, n_batch=4)
+    for p, r in zip(prompts, recs):
+        sch.submit(p, 6, GREEDY, r)
+    with sch:
+        results = [r.result() for r in recs]
+    assert [t for t, _ in results] == alone
+    assert [f.completion_tokens for _, f in results] == [6, 6]
+    # 10 + 3 prompt tokens, 4 a step: [4], [4], [2 | 2], then the first decodes beside the last prompt token
+    assert calls[:4] == [[4], [4], [2, 2], [1, 1]]
+    assert sch.stats()["prompt_tokens"] == 13
+
+
 def test_context_is_split_across_slots(eng):
     sch = Scheduler(eng.model, eng.tokenizer, n_slots=4, n_ctx=64)
     assert sch.n_ctx_slot == 16 and all(s.kv.n_ctx == 16 for s in sch._slots)

@@ -29,9 +29,9 @@ def reference(tiny):
         yield generate
 
 
-def test_models_health_and_metrics(server):
+def test_models_health_and_metrics(server, tiny):
     models = client(server).models.list()
-    assert [m.id for m in models.data] == [server.model_id] == ["qwen3moe-Q8_0-tiny"]
+    assert [m.id for m in models.data] == [server.model_id] == [tiny.stem]  # the file name without .gguf
     status, _, health = request(server, "GET", "/health")
     assert status == 200 and health["status"] == "ok" and health["slots_idle"] == 2
     m = metrics(server)
@@ -143,6 +143,8 @@ def _error(body):
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": "hi", "seed": 2 ** 64}, "seed"),
     ({"prompt": "hi", "stop": 5}, "stop"),
+    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "hi", "echo": True}, "echo"),
 ])
 def test_bad_completion_requests_are_400(server, body, param):
     status, _, out = request(server, "POST", "/v1/completions", body)
@@ -153,7 +155,9 @@ def test_bad_completion_requests_are_400(server, body, param):
 
 def test_bad_chat_requests_are_400(server):
     for body in ({"messages": "hi"}, {"messages": []}, {"messages": [{"content": "no role"}]},
-                 {"messages": [{"role": "user", "content": "hi"}], "stream": "perhaps"}):
+                 {"messages": [{"role": "user", "content": "hi"}], "stream": "perhaps"},
+                 {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
         status, _, out = request(server, "POST", "/v1/chat/completions", body)
         assert status == 400, body
         _error(out)
