@@ -269,7 +269,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            dropped = []  # cancelled while they waited
+            dropped, failed = [], []  # cancelled while they waited; could not start
             with self._cond:
                 while not self._closed and not self._waiting and all(s.req is None for s in self._slots):
                     self._cond.wait()
@@ -283,14 +283,26 @@ class Scheduler:
                                 self._counts["requests_cancelled"] += 1
                                 dropped.append(req)
                                 continue
-                            slot.begin(req, self.tokenizer)
+                            try:
+                                slot.begin(req, self.tokenizer)
+                            except Exception as e:
+                                slot.req = None
+                                failed.append((req, f"the request could not start ({type(e).__name__}: {e})"))
+                                continue
                             break
             for req in dropped:
                 self._send(req, Finished("cancelled", len(req.prompt), 0))
+            for req, message in failed:
+                self._send(req, Failed(message))
+                with self._cond:
+                    self._counts["requests_failed"] += 1
             try:
                 self._step()
-            except Exception:  # never let one step take the thread down
+            except Exception as e:  # never let one step take the thread down, nor spin on a broken request
                 log.exception("scheduler step failed")
+                for slot in self._slots:
+                    if slot.req is not None:
+                        self._fail(slot, f"internal error ({type(e).__name__}: {e})")
         for slot in self._slots:
             if slot.req is not None:
                 self._finish(slot, "cancelled")
@@ -321,10 +333,20 @@ class Scheduler:
         try:
             logits = self.model.forward_batch(segments)
         except Exception as e:
-            log.exception("forward failed for %d sequences", len(active))
-            for slot in active:
-                self._fail(slot, f"the forward pass failed ({type(e).__name__}: {e})")
-            return
+            # the caches only advance once a pass completes, so each sequence can be retried alone:
+            # the ones that fail again fail, the others go on
+            log.warning("a forward pass over %d sequences failed (%s: %s)", len(active), type(e).__name__, e)
+            if len(active) == 1:
+                self._fail(active[0], f"the forward pass failed ({type(e).__name__}: {e})")
+                return
+            logits, ok = [], []
+            for slot, seg in zip(active, segments):
+                try:
+                    logits.append(self.model.forward_batch([seg])[0])
+                    ok.append(slot)
+                except Exception as e1:
+                    self._fail(slot, f"the forward pass failed ({type(e1).__name__}: {e1})")
+            active = ok
         rows = sum(len(feed[s.index]) for s in active)
         prompt_rows = sum(len(feed[s.index]) for s in active if s.prefilling)
         with self._cond:

@@ -196,3 +196,24 @@ def test_failed_forward_reaches_every_sequence_in_the_step(eng, monkeypatch):
             _, ev = r.result()
             assert isinstance(ev, Failed) and "injected" in ev.message
     assert sch.stats()["requests_failed"] == 2
+
+
+def test_a_sequence_that_breaks_the_batch_fails_alone(eng, monkeypatch):
+    real = eng.model.forward_batch
+
+    def poisoned(segments, *a, **kw):
+        if any(t.tolist() == [11, 12, 13] for t, _ in segments):  # that prompt, prefilled
+            raise RuntimeError("poison")
+        return real(segments, *a, **kw)
+
+    monkeypatch.setattr(eng.model, "forward_batch", poisoned)
+    alone = eng.generate([4, 5, 6], max_tokens=5, temperature=0, stream=False)
+    bad, good = Recorder(), Recorder()
+    sch = Scheduler(eng.model, eng.tokenizer, n_slots=2, n_ctx=128)
+    sch.submit([11, 12, 13], 5, GREEDY, bad)
+    sch.submit([4, 5, 6], 5, GREEDY, good)
+    with sch:
+        _, ev = bad.result()
+        assert isinstance(ev, Failed) and "poison" in ev.message
+        assert good.result() == (alone, Finished("length", 3, 5))
+    assert sch.stats()["requests_failed"] == 1 and sch.stats()["requests_ok"] == 1
