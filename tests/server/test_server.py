@@ -181,7 +181,7 @@ def one_slot(tiny):
 
 def test_a_streaming_client_that_disconnects_frees_its_slot(one_slot):
     api = client(one_slot)
-    stream = api.completions.create(model="x", prompt="Go on forever", max_tokens=400, temperature=1.0, stream=True)
+    stream = api.completions.create(model="x", prompt="Go on forever", max_tokens=400, temperature=0, stream=True)
     for _, _ in zip(range(3), stream):
         pass
     stream.close()
@@ -195,7 +195,7 @@ def test_a_streaming_client_that_disconnects_frees_its_slot(one_slot):
 def test_a_plain_client_that_disconnects_frees_its_slot(one_slot):
     u = urllib.parse.urlparse(one_slot.url)
     conn = http.client.HTTPConnection(u.hostname, u.port)
-    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "Go", "max_tokens": 400, "temperature": 1}),
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "Go", "max_tokens": 400, "temperature": 0}),
                  headers={"Content-Type": "application/json"})
     wait_for(lambda: metrics(one_slot)["requests_processing"] == 1, what="the request to start")
     conn.close()
@@ -205,7 +205,7 @@ def test_a_plain_client_that_disconnects_frees_its_slot(one_slot):
 
 def test_a_full_queue_answers_503_with_retry_after(one_slot):
     api = client(one_slot)
-    stream = api.completions.create(model="x", prompt="Go on", max_tokens=400, temperature=1.0, stream=True)
+    stream = api.completions.create(model="x", prompt="Go on forever", max_tokens=400, temperature=0, stream=True)
     next(iter(stream))
     with pytest.raises(openai.APIStatusError) as e:
         api.completions.create(model="x", prompt="me too", max_tokens=4)
