@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -137,6 +138,30 @@ def cmd_run(a: argparse.Namespace) -> int:
             print(_summary_line(eng), file=sys.stderr)
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .engine import SamplingParams
+    from .server import Server
+
+    sampling = SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, seed=a.seed)
+    srv = Server(a.model, host=a.host, port=a.port, n_slots=a.parallel, n_ctx=a.ctx_size, n_predict=a.n_predict,
+                 n_batch=a.batch_size, max_queue=a.max_queue, api_key=a.api_key, alias=a.alias, sampling=sampling,
+                 device=a.device, vram_cache=a.vram_cache, ram_cache=a.ram_cache, policy=a.policy,
+                 prefetch=not a.no_prefetch, io_threads=a.io_threads, log_level="info" if a.verbose else "warning")
+    print(f"flashmoe serve: {srv.model_id} on {srv.url}/v1 ({a.parallel} slots of {srv.scheduler.n_ctx_slot} "
+          f"tokens; Ctrl-C stops)", file=sys.stderr)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # uvicorn shuts down on SIGTERM, then re-raises it: stop as on Ctrl-C
+    try:
+        srv.run()
+    except KeyboardInterrupt:
+        pass
+    print("flashmoe serve: stopped", file=sys.stderr)
+    return 0
+
+
 def _print_stream(pieces) -> str:
     out = []
     for piece in pieces:
@@ -165,6 +190,12 @@ def cmd_bench_run(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from .server.bench import run
+
+    return run(a)
+
+
 def cmd_bench_dequant(a: argparse.Namespace) -> int:
     from .quant.bench import bench_dequant
 
@@ -178,6 +209,26 @@ def cmd_bench_dequant(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _sampling_arguments(s: argparse.ArgumentParser, when: str = "") -> None:
+    s.add_argument("--temp", type=float, default=0.8, help=f"temperature{when}; 0 = greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=40, help="default 40; 0 = off")
+    s.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 = off")
+    s.add_argument("--min-p", type=float, default=0.05, help="default 0.05; 0 = off")
+    s.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 = off")
+    s.add_argument("--seed", type=int, help=f"random seed{when} (default: random)")
+
+
+def _engine_arguments(s: argparse.ArgumentParser) -> None:
+    """Device, cache budgets, policy and I/O: how the model is opened (run, serve)."""
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or xpu (default cpu)")
+    s.add_argument("--vram-cache", metavar="SIZE", help="device-tier budget: 8G, 512M or 10%% of the expert bytes "
+                                                         "(default: 80%% of free device memory)")
+    s.add_argument("--ram-cache", metavar="SIZE", help="RAM-tier budget (default: half the available RAM)")
+    s.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware or module:Class")
+    s.add_argument("--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts")
+    s.add_argument("--io-threads", type=int, default=8, help="threads reading experts (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,20 +250,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-no-cnv", "--no-conversation", action="store_true", help="plain completion of --prompt, no chat")
     s.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate at most (default 128)")
     s.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (default 4096)")
-    s.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    s.add_argument("--top-k", type=int, default=40, help="default 40; 0 = off")
-    s.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 = off")
-    s.add_argument("--min-p", type=float, default=0.05, help="default 0.05; 0 = off")
-    s.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 = off")
-    s.add_argument("--seed", type=int, help="random seed (default: random)")
-    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or xpu (default cpu)")
-    s.add_argument("--vram-cache", metavar="SIZE", help="device-tier budget: 8G, 512M or 10%% of the expert bytes "
-                                                         "(default: 80%% of free device memory)")
-    s.add_argument("--ram-cache", metavar="SIZE", help="RAM-tier budget (default: half the available RAM)")
-    s.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware or module:Class")
-    s.add_argument("--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts")
-    s.add_argument("--io-threads", type=int, default=8, help="threads reading experts (default 8)")
+    _sampling_arguments(s)
+    _engine_arguments(s)
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server with parallel sequences",
+                       description="Serve /v1/chat/completions, /v1/completions (both with stream: true), "
+                                   "/v1/models, /health and /metrics (Prometheus). -np slots decode together: one "
+                                   "batched forward pass per step, so each layer's experts are fetched once for all "
+                                   "of them. Requests beyond the slots queue; a full queue answers 503.")
+    s.add_argument("-m", "--model", required=True, type=Path, help="a GGUF (any shard) or an expert store")
+    s.add_argument("-n", "--n-predict", type=int, default=512,
+                   help="tokens to generate when a request gives no max_tokens (default 512)")
+    s.add_argument("-np", "--parallel", type=int, default=2, help="slots: sequences decoded together (default 2)")
+    s.add_argument("-c", "--ctx-size", type=int, default=4096,
+                   help="context of all slots together; each slot gets c / np tokens (default 4096)")
+    s.add_argument("-b", "--batch-size", type=int, default=512,
+                   help="tokens one step feeds at most: long prompts are prefilled in chunks of this size beside "
+                        "the decoding slots (default 512)")
+    s.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for a slot before new ones get 503 (default 16)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: no key)")
+    s.add_argument("-a", "--alias", help="the model name /v1/models reports (default: the file name)")
+    _sampling_arguments(s, " when a request does not set it")
+    _engine_arguments(s)
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("synth", parents=[common], help="write a synthetic model with a real architecture and random weights",
                        description="Write a GGUF with llama.cpp's tensor names, shapes and metadata for ARCH at the "
@@ -258,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_run_arguments(s)
     s.set_defaults(fn=cmd_bench_run)
+    s = bench.add_parser("serve", parents=[common], help="load test of the server: concurrent streamed chat "
+                                                         "requests on loopback, throughput and p50/p99 latency",
+                         description="Start `flashmoe serve` on 127.0.0.1 (-m) or use a running one on this machine "
+                                     "(--url), run --clients concurrent clients (the openai client, streamed chat "
+                                     "completions) for --seconds, and report tok/s, req/s, latency and time to first "
+                                     "token percentiles and errors. Exit status 1 when any request failed.")
+    from .server.bench import add_arguments as bench_serve_arguments
+
+    bench_serve_arguments(s)
+    _engine_arguments(s)
+    s.set_defaults(fn=cmd_bench_serve)
     s = bench.add_parser("dequant", parents=[common], help="dequantisation throughput per ggml type")
     s.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default: cpu)")
     s.add_argument("--mib", type=int, default=64, help="MiB of quantised input per type (default: 64)")
