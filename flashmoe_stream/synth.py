@@ -58,6 +58,7 @@ class Preset:
     yarn_orig_ctx: int = 0
     yarn_mscale_all_dim: float = 0.0
     mla_split: bool = True  # split attn_k_b/attn_v_b (current converters) or the legacy attn_kv_b
+    out_scale: float = 0.5  # std of the blocks' output projections (x fan-in^-0.5): how much a layer moves the residual
 
 
 # Real dimensions of the published models (from their config.json); `tiny` is a few MB.
@@ -269,12 +270,12 @@ def _deepseek2_layers(p: Preset, mix: _Mix, mat) -> list[_Tensor]:
                     mat(b + "attn_v_b.weight", (H, v, r), main, r ** -0.5)]
         else:
             out.append(mat(b + "attn_kv_b.weight", (H * (nope + v), r), main, r ** -0.5))
-        out += [mat(b + "attn_output.weight", (e, H * v), main, 0.5 * (H * v) ** -0.5),
+        out += [mat(b + "attn_output.weight", (e, H * v), main, p.out_scale * (H * v) ** -0.5),
                 _Tensor(b + "ffn_norm.weight", (e,), Q.F32, 0.0)]
         if i < p.n_dense_lead:
             out += [mat(b + "ffn_gate.weight", (p.n_ff, e), mix.experts, e ** -0.5),
                     mat(b + "ffn_up.weight", (p.n_ff, e), mix.experts, e ** -0.5),
-                    mat(b + "ffn_down.weight", (e, p.n_ff), mix.down, p.n_ff ** -0.5)]
+                    mat(b + "ffn_down.weight", (e, p.n_ff), mix.down, p.out_scale * p.n_ff ** -0.5)]
             continue
         # sigmoid scores saturate: a smaller router spread keeps the choice clear of near-ties
         router_std = (1.0 if p.gating == "sigmoid" else 2.0) * e ** -0.5
@@ -283,12 +284,12 @@ def _deepseek2_layers(p: Preset, mix: _Mix, mat) -> list[_Tensor]:
             out.append(_Tensor(b + "exp_probs_b.bias", (p.n_expert,), Q.F32, 0.05))
         out += [mat(b + "ffn_gate_exps.weight", (p.n_expert, ff, e), mix.experts, e ** -0.5),
                 mat(b + "ffn_up_exps.weight", (p.n_expert, ff, e), mix.experts, e ** -0.5),
-                mat(b + "ffn_down_exps.weight", (p.n_expert, e, ff), mix.down, ff ** -0.5)]
+                mat(b + "ffn_down_exps.weight", (p.n_expert, e, ff), mix.down, p.out_scale * ff ** -0.5)]
         if p.n_shared:
             fs = ff * p.n_shared
             out += [mat(b + "ffn_gate_shexp.weight", (fs, e), mix.experts, e ** -0.5),
                     mat(b + "ffn_up_shexp.weight", (fs, e), mix.experts, e ** -0.5),
-                    mat(b + "ffn_down_shexp.weight", (e, fs), mix.down, 0.5 * fs ** -0.5)]
+                    mat(b + "ffn_down_shexp.weight", (e, fs), mix.down, p.out_scale * fs ** -0.5)]
     return out
 
 
