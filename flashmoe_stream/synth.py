@@ -69,15 +69,18 @@ PRESETS: dict[str, Preset] = {
     "mixtral-8x7b": Preset(32, 4096, 32, 8, 128, 8, 2, 14336, 32000, 32768, 1e6, 1e-5),
 }
 # deepseek2: head_dim is the MLA q/k head (qk_nope + qk_rope). `tiny` is V3-shaped (q_lora, sigmoid routing
-# with selection bias, expert groups, weight scale, a leading dense block), `tiny-lite` V2-Lite-shaped.
+# with selection bias, expert groups, weight scale, a leading dense block), `tiny-lite` V2-Lite-shaped. The
+# tiny ones move the residual less per layer (out_scale 0.15): with 8-bit activation rounding a random model
+# amplifies float noise, and a calmer one keeps llama.cpp comparisons above that noise floor.
 DEEPSEEK2_PRESETS: dict[str, Preset] = {
     "tiny": Preset(4, 256, 4, 1, 96, 16, 4, 256, 512, 4096, 10000.0, 1e-6, q_lora_rank=256, kv_lora_rank=256,
                    qk_rope_dim=32, v_head_dim=64, n_dense_lead=1, n_ff=512, n_shared=1, n_groups=4, n_group_used=2,
                    gating="sigmoid", weights_scale=2.5, weights_norm=True, yarn_factor=4.0, yarn_orig_ctx=256,
-                   yarn_mscale_all_dim=1.0),
+                   yarn_mscale_all_dim=1.0, out_scale=0.15),
     "tiny-lite": Preset(4, 256, 4, 1, 96, 8, 2, 256, 512, 4096, 10000.0, 1e-6, q_lora_rank=0, kv_lora_rank=256,
                         qk_rope_dim=32, v_head_dim=64, n_dense_lead=1, n_ff=512, n_shared=2, gating="softmax",
-                        weights_norm=False, yarn_factor=4.0, yarn_orig_ctx=256, yarn_mscale_all_dim=0.707),
+                        weights_norm=False, yarn_factor=4.0, yarn_orig_ctx=256, yarn_mscale_all_dim=0.707,
+                        out_scale=0.15),
     "deepseek-v2-lite": Preset(27, 2048, 16, 1, 192, 64, 6, 1408, 102400, 163840, 10000.0, 1e-6, q_lora_rank=0,
                                kv_lora_rank=512, qk_rope_dim=64, v_head_dim=128, n_dense_lead=1, n_ff=10944,
                                n_shared=2, n_groups=1, n_group_used=1, gating="softmax", weights_norm=False,
