@@ -318,3 +318,22 @@ def test_cli_inspect_plan(v3_671b):
     r = subprocess.run([sys.executable, "-m", "flashmoe_stream", "inspect", str(v3_671b), "--plan"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--disk-gbps" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [True, False])
+def test_cuda_equals_cpu(make_model, split):
+    """The same streaming forward on the GPU (float32 without llama.cpp's 8-bit rounding, which would
+    amplify the devices' last-bit differences: equal to the CPU's; bf16: runs and mostly agrees)."""
+    path = make_model(ARCH, "Q4_K_M", mla_split=split)
+    with fms.Engine.open(path, ram_cache="30%", llama_numerics=False) as cpu:
+        ref = cpu.logits(TOKENS)
+    with fms.Engine.open(path, device="cuda", vram_cache="30%", ram_cache="50%", dtype=torch.float32,
+                         llama_numerics=False) as gpu:
+        got = gpu.logits(TOKENS)
+        assert gpu.stats()["total"]["h2d_bytes"] > 0
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
+    with fms.Engine.open(path, device="cuda", vram_cache="30%", ram_cache="50%") as gpu:
+        text = gpu.generate("What's AI?", max_tokens=8, seed=1, stream=False)
+        bf = gpu.logits(TOKENS)
+    assert text and (bf.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
