@@ -17,19 +17,26 @@ import numpy as np
 
 def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, policy: str = "lfru",
               prefetch: bool = True, tokens: int = 64, prompt_tokens: int = 16, seed: int = 0,
-              seq_seconds: float = 3.0) -> dict:
+              seq_seconds: float = 3.0, warm: bool = False, threads: int = 8,
+              prefetch_ahead: int = 1) -> dict:
     import torch
 
     from .engine import Engine
     from .io.bench import _drop_cache, raw_sequential
 
     with Engine.open(model, device=device, vram_cache=vram_cache, ram_cache=ram_cache, policy=policy,
-                     prefetch=prefetch, n_ctx=prompt_tokens + tokens + 1) as eng:
+                     prefetch=prefetch, n_ctx=prompt_tokens + tokens + 1, threads=threads,
+                     prefetch_ahead=prefetch_ahead) as eng:
         files = sorted({r.path for layer in eng.store.layers for r in eng.store.layout(layer, 0).ranges})
         seq = raw_sequential(max(files, key=lambda p: p.stat().st_size), seq_seconds)
+        hbm = _device_bandwidth(eng.device)
+        active = _active_bytes_per_token(eng)
         _drop_cache(files)
         rng = np.random.default_rng(seed)
         ids = rng.integers(0, min(eng.config.n_vocab, 32000), prompt_tokens + tokens).tolist()
+        if warm:  # one untimed pass over the same tokens first: what fits the cache is then resident
+            eng.model.forward(torch.tensor(ids), eng.model.new_kv_cache(prompt_tokens + tokens))
+            eng.cache.wait_idle()
         kv = eng.model.new_kv_cache(prompt_tokens + tokens)
         routes: dict[int, set] = {}
 
@@ -56,7 +63,8 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         return d[h] / (d[h] + d[m]) if d[h] + d[m] else None
 
     return {
-        "model": str(model), "device": device, "policy": policy, "prefetch": prefetch,
+        "model": str(model), "device": device, "policy": policy, "prefetch": prefetch, "warm": warm,
+        "io_threads": threads, "prefetch_ahead": prefetch_ahead,
         "budgets": {"vram_cache": vram_cache, "ram_cache": ram_cache},
         "prefill": {"tokens": prompt_tokens, "seconds": round(prefill_s, 3)},
         "decode": {"tokens": tokens, "seconds": round(decode_s, 3), "tok_per_s": round(tok_s, 3)},
@@ -70,8 +78,47 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         # over the whole run: a prefetch issued during prefill can be used during decode
         "prefetch_precision": after["prefetch_useful"] / after["prefetch_issued"] if after["prefetch_issued"] else None,
         "waited_on_io_s": round(d["wait_s"], 3),
+        # the memory-bandwidth bound: GGUF bytes one token reads (dense minus embeddings, k experts per
+        # layer) at the device's copy bandwidth measured in this run
+        "active_bytes_per_token": active,
+        "device_bandwidth_gb_per_s": round(hbm / 1e9, 1) if hbm else None,
+        "memory_bound_tok_per_s": round(hbm / active, 1) if hbm else None,
+        "ratio_to_memory_bound": round(tok_s / (hbm / active), 4) if hbm else None,
         "distinct_expert_sets_per_layer_min": min(len(v) for v in routes.values()),
     }
+
+
+def _device_bandwidth(device) -> float | None:
+    """Bytes per second a large device-to-device copy moves (read + write), on cuda/xpu; None on cpu."""
+    import torch
+
+    if device.type == "cpu":
+        return None
+    mod = getattr(torch, device.type)
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    mod.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    mod.synchronize(device)
+    dt = time.perf_counter() - t0
+    del a, b
+    return 10 * 2 * (1 << 30) / dt
+
+
+def _active_bytes_per_token(eng) -> int:
+    """GGUF bytes of the weights one decoded token uses: the dense tensors but the embedding table, and
+    n_expert_used experts in every layer with routed experts."""
+    from .gguf_file import open_gguf
+    from .model_info import expert_tensor_layer
+
+    dense = open_gguf(eng.store.dense_path)
+    n = sum(t.nbytes for name, t in dense.tensors.items()
+            if expert_tensor_layer(name) is None and not name.startswith("token_embd"))
+    k = eng.config.n_expert_used
+    return int(n + sum(k * eng.store.expert_nbytes(layer) for layer in eng.store.layers))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,12 +130,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--tokens", type=int, default=64, help="decoded tokens, teacher-forced (default 64)")
     p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--io-threads", type=int, default=8, help="parallel disk reads (default 8)")
+    p.add_argument("--prefetch-ahead", type=int, default=1, metavar="N",
+                   help="after each attention, predict and prefetch the next N layers' experts (default 1)")
+    p.add_argument("--warm", action="store_true",
+                   help="run the same tokens once, untimed, first (measures decode with a filled cache)")
     p.add_argument("--json", action="store_true")
 
 
 def run(a: argparse.Namespace) -> int:
     r = bench_run(a.model, a.device, a.vram_cache, a.ram_cache, a.policy, not a.no_prefetch, a.tokens,
-                  a.prompt_tokens)
+                  a.prompt_tokens, warm=a.warm,
+                  threads=a.io_threads, prefetch_ahead=a.prefetch_ahead)
     if a.json:
         print(json.dumps(r, indent=2))
     else:

@@ -105,7 +105,8 @@ def _summary_line(eng) -> str:
     def rate(hits: str, misses: str) -> str:
         n = t.get(hits, 0) + t.get(misses, 0)
         return f"{100 * t.get(hits, 0) / n:.0f}%" if n else "-"
-    return (f"prompt {g['prompt_tokens']} tok at {g['prompt_tok_s']:.1f} tok/s | decode {g['decode_tokens']} tok at "
+    kept = f" ({g['prompt_cached']} kept from the last turn)" if g.get("prompt_cached") else ""
+    return (f"prompt {g['prompt_tokens']} tok{kept} at {g['prompt_tok_s']:.1f} tok/s | decode {g['decode_tokens']} tok at "
             f"{g['decode_tok_s']:.2f} tok/s | hits: device {rate('device_hits', 'device_misses')}, host "
             f"{rate('host_hits', 'host_misses')} | read {t.get('disk_bytes', 0) / 1e9:.2f} GB from disk | "
             f"waited {t.get('wait_s', 0):.1f} s on I/O")

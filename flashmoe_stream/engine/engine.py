@@ -23,6 +23,7 @@ from .sampling import Sampler, SamplingParams
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prompt_cached: int = 0  # of prompt_tokens, those whose keys and values were kept from the last call
     prompt_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
@@ -30,7 +31,9 @@ class GenerationStats:
 
     @property
     def prompt_tok_s(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        """Prompt tokens actually computed per second (kept ones do not count)."""
+        n = self.prompt_tokens - self.prompt_cached
+        return n / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -64,14 +67,21 @@ class Engine:
         self.device, self.n_ctx = device, n_ctx
         self.config = model.cfg
         self.last = GenerationStats()
+        # the KV cache of the last generate() and the tokens whose keys and values it holds: a prompt
+        # that starts with those tokens (the next turn of a chat) only prefills what is new
+        self._kv = None
+        self._kv_tokens: list[int] = []
 
     @classmethod
     def open(cls, path: str | os.PathLike, device: str = "cpu", vram_cache=None, ram_cache=None,
              policy: str = "lfru", prefetch: bool = True, n_ctx: int = 4096, dtype: torch.dtype | None = None,
-             threads: int = 8, llama_numerics: bool = True) -> "Engine":
+             threads: int = 8, llama_numerics: bool | None = None, prefetch_ahead: int = 1) -> "Engine":
         """Open a GGUF (any shard) or an expert store. Budgets: bytes, "8G"/"512M", or "10%" of the
         model's expert bytes; by default the device tier takes 80 % of free device memory left after
-        the dense weights and the host tier half of the available RAM."""
+        the dense weights and the host tier half of the available RAM. ``llama_numerics`` rounds the
+        activations before each quantised matmul as llama.cpp's CPU kernels do (logits then agree with
+        llama.cpp's to float rounding); by default on for the CPU, off on GPUs, where it costs time and
+        llama.cpp's own GPU kernels round differently anyway."""
         from ..cache import ExpertCache
         from ..gguf_file import open_gguf
         from ..io import ExpertStore
@@ -79,6 +89,8 @@ class Engine:
         from .tokenizer import Tokenizer
 
         dev = resolve_device(device)
+        if llama_numerics is None:
+            llama_numerics = dev.type == "cpu"
         dtype = dtype or (torch.bfloat16 if dev.type != "cpu" else torch.float32)
         store = ExpertStore(path)
         dense = open_gguf(store.dense_path)
@@ -100,6 +112,7 @@ class Engine:
         try:
             types = {name: t.qtype for name, t in dense.tensors.items()} if llama_numerics else None
             model = build_model(cfg, weights, cache, prefetch=prefetch, weight_types=types)
+            model.prefetch_ahead = max(1, int(prefetch_ahead))
             tok = Tokenizer.from_metadata(dense.metadata)
         except BaseException:
             cache.close()
@@ -138,10 +151,21 @@ class Engine:
         stats = self.last = GenerationStats(prompt_tokens=len(ids))
         on_route = (lambda layer, r, w: stats.routes.append((layer, r.cpu(), w.cpu()))) if record_routes else None
         sample = Sampler(params)
-        kv = self.model.new_kv_cache(min(self.n_ctx, len(ids) + max_tokens))
+        need = min(self.n_ctx, len(ids) + max_tokens)
+        kv, keep = self._kv, 0
+        if kv is not None and kv.n_ctx >= need:
+            keep = _common_prefix(self._kv_tokens, ids)
+            keep = min(keep, len(ids) - 1)  # the last prompt token is run again: its logits start the reply
+        else:  # room to grow: a chat's next turns reuse it
+            kv = self.model.new_kv_cache(min(self.n_ctx, max(2 * need, 512)))
+        self._kv = kv
+        kv.length = keep
+        fed = self._kv_tokens = ids[:keep]  # kept in step with kv, even if the caller stops iterating
+        stats.prompt_cached = keep
         decoder = self.tokenizer.incremental_decoder()
         t0 = time.perf_counter()
-        logits = self.model.forward(torch.tensor(ids), kv, on_route)[-1]
+        logits = self.model.forward(torch.tensor(ids[keep:]), kv, on_route)[-1]
+        fed.extend(ids[keep:])
         stats.prompt_seconds = time.perf_counter() - t0
         history = list(ids)
         t0 = time.perf_counter()
@@ -157,6 +181,7 @@ class Engine:
             if kv.length >= kv.n_ctx:
                 break
             logits = self.model.forward(torch.tensor([tok]), kv, on_route)[-1]
+            fed.append(tok)
             stats.decode_seconds = time.perf_counter() - t0
         stats.decode_seconds = time.perf_counter() - t0
         tail = decoder.flush()
@@ -165,7 +190,8 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.cache.stats()
-        s["generation"] = {"prompt_tokens": self.last.prompt_tokens, "prompt_tok_s": self.last.prompt_tok_s,
+        s["generation"] = {"prompt_tokens": self.last.prompt_tokens, "prompt_cached": self.last.prompt_cached,
+                           "prompt_tok_s": self.last.prompt_tok_s,
                            "decode_tokens": self.last.decode_tokens, "decode_tok_s": self.last.decode_tok_s}
         return s
 
@@ -177,6 +203,15 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ class StreamingDecoder:
     cfg = None
     experts = None
     prefetch: bool = True
+    prefetch_ahead: int = 1  # layers predicted and prefetched after each attention (1: the next one)
     device: torch.device
 
     # --- what an architecture supplies ----------------------------------------------------------
@@ -70,10 +71,11 @@ class StreamingDecoder:
         for i in range(n_layer):
             parts = x.split(sizes)
             x = x + torch.cat([self.attend(i, xs, kv, p) for xs, (_, kv), p in zip(parts, segments, pos)])
-            if self.prefetch and i + 1 < n_layer:
-                ahead = self.predict(i + 1, x)
-                if ahead:
-                    self.experts.prefetch(i + 1, ahead)
+            if self.prefetch:
+                for j in range(i + 1, min(i + 1 + self.prefetch_ahead, n_layer)):
+                    ahead = self.predict(j, x)
+                    if ahead:
+                        self.experts.prefetch(j, ahead)
             y, ids, weights = self.ffn(i, x)
             x = x + y
             if on_route is not None and ids is not None:

@@ -4,10 +4,12 @@ streaming MoE block. No files, no threads: weights come in as tensors, experts f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -137,7 +139,7 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     kv.k[layer, start: start + T] = k
     kv.v[layer, start: start + T] = v
     keys, values = kv.k[layer, : start + T], kv.v[layer, : start + T]
-    mask = _causal_mask(T, start, x.device)
+    mask = _causal_mask(T, start, x.device) if (T > 1 or w.f16_kv) else None
     if w.f16_kv:  # as llama.cpp's CPU attention: fp16 K, V and Q, softmax in f32 rounded to fp16 for V
         r = lambda t: t.half().float()  # noqa: E731
         rep = n_head // n_head_kv
@@ -148,7 +150,7 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     else:  # [H, T, D] @ [H, D, S]: causal over the cached prefix and the new tokens
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            attn_mask=mask, enable_gqa=n_head != n_head_kv).transpose(0, 1)
+            attn_mask=None if T == 1 else mask, enable_gqa=n_head != n_head_kv).transpose(0, 1)
     return mm(out.reshape(T, n_head * head_dim), w.o, w.acts[3]).float()
 
 
@@ -173,33 +175,86 @@ def route(h: torch.Tensor, router: torch.Tensor, k: int, norm_topk: bool) -> tup
     return w, ids
 
 
-def expert_ffn(h: torch.Tensor, expert, dtype: torch.dtype, llama_numerics: bool = False) -> torch.Tensor:
-    """SwiGLU expert on the rows h [n, n_embd]; ``expert`` holds raw GGML blocks from the cache."""
-    def proj(x: torch.Tensor, name: str) -> torch.Tensor:
-        b = expert.blocks[name]
-        return mm(x, dequantize(b.data, b.qtype, b.shape, dtype), act_for(b.qtype) if llama_numerics else None)
+# Dequantised weights of one group of experts may take this many bytes at once (gate, up and down of
+# every expert in the group); a long prompt that needs more experts than that is run group by group.
+DEQUANT_BUDGET = {"cpu": 256 << 20}
+DEFAULT_DEQUANT_BUDGET = 1 << 30
 
-    return proj(F.silu(proj(h, "gate")) * proj(h, "up"), "down")
+
+def _stacked(blocks: list, dtype: torch.dtype) -> torch.Tensor:
+    """The same projection of several experts, dequantised together: [n, *shape] in ``dtype``.
+
+    One decode over all of them (a handful of large kernels instead of a handful per expert)."""
+    b0 = blocks[0]
+    raw = b0.data if len(blocks) == 1 else torch.cat([b.data for b in blocks])
+    return dequantize(raw, b0.qtype, (len(blocks), *b0.shape), dtype)
 
 
 def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int, experts: ExpertSource,
                 dtype: torch.dtype, llama_numerics: bool = False) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(hd[t]) for every row t: each expert the rows need is
-    fetched once from ``experts``. hd [T, n_embd] (already normed, in ``dtype``); returns float32.
-    Shared by every architecture's MoE block (routing is the architecture's own business)."""
-    needed = torch.unique(ids).tolist()
-    out = torch.zeros(hd.shape, dtype=torch.float32, device=hd.device)
-    # a long prompt can need more of a layer's experts than the device tier holds: take them in groups
+    """sum_k weights[t, k] * expert_{ids[t, k]}(hd[t]) for every row t, as float32 [T, n_embd].
+
+    hd [T, n_embd] is the normed input (in ``dtype``). Each expert the rows need is fetched once from
+    ``experts``; the experts of a group are dequantised together and run as one batched matmul per
+    projection over their rows (padded to the busiest expert's row count), so a decode step costs a few
+    large kernels and one host sync (the expert ids), whatever the number of experts. Shared by every
+    architecture's MoE block (routing is the architecture's own business).
+    """
+    T, k = ids.shape
+    dev = hd.device
+    flat = ids.reshape(-1).cpu().numpy()  # the one host sync: the cache needs the ids
+    order = np.argsort(flat, kind="stable")
+    needed, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+    out = torch.zeros(T + 1, hd.shape[1], dtype=torch.float32, device=dev)  # row T: where padding lands
+    hd_pad = torch.cat([hd, hd.new_zeros(1, hd.shape[1])])
+    w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
     cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
-    for start in range(0, len(needed), cap):
-        group = needed[start: start + cap]
-        for e, expert in zip(group, experts.get(layer, group)):
-            rows, slot = (ids == e).nonzero(as_tuple=True)
-            y = expert_ffn(hd[rows], expert, dtype, llama_numerics)
-            out.index_add_(0, rows, y.float() * weights[rows, slot, None])
-        if len(needed) > cap:
-            experts.release()
-    return out
+    per_expert = None
+    start = 0
+    while start < len(needed):
+        if per_expert is None:
+            size = len(needed)
+        else:
+            budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
+            size = max(1, budget // per_expert)
+        size = min(size, cap, len(needed) - start)
+        group = needed[start: start + size].tolist()
+        got = experts.get(layer, group)
+        if per_expert is None:
+            per_expert = sum(math.prod(b.shape) for b in got[0].blocks.values()) * torch.finfo(dtype).bits // 8
+            budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
+            if size * per_expert > budget and size > 1:  # too many at once: take fewer, from the same pins
+                size = max(1, budget // per_expert)
+                group, got = group[:size], got[:size]
+        # flat (token, slot) positions of each expert's rows, padded with T * k (a zero row, weight 0)
+        c = counts[start: start + size]
+        s = starts[start: start + size]
+        pos = np.full((size, int(c.max())), T * k, dtype=np.int64)
+        for j in range(size):
+            pos[j, : c[j]] = order[s[j]: s[j] + c[j]]
+        pos_t = torch.from_numpy(pos).to(dev, non_blocking=True)
+        rows = torch.where(pos_t < T * k, pos_t // k, T)
+        y = _expert_group(hd_pad[rows], got, dtype, llama_numerics)  # [size, max_count, n_embd]
+        y = y.float() * w_pad[pos_t].unsqueeze(-1)
+        out.index_add_(0, rows.reshape(-1), y.reshape(-1, y.shape[-1]))
+        start += size
+        if start < len(needed) and hasattr(experts, "release"):
+            experts.release()  # the next group's get may need the room
+    return out[:T]
+
+
+def _expert_group(x: torch.Tensor, got: list, dtype: torch.dtype, llama_numerics: bool) -> torch.Tensor:
+    """SwiGLU of several experts at once: x [n, rows, n_embd] → [n, rows, n_embd]; ``got`` holds each
+    expert's raw GGML blocks (from the cache)."""
+    def proj(h: torch.Tensor, name: str) -> torch.Tensor:
+        blocks = [e.blocks[name] for e in got]
+        w = _stacked(blocks, dtype)  # [n, out, in]
+        act = act_for(blocks[0].qtype) if llama_numerics else None
+        if act is not None:
+            h = act(h).to(w.dtype)
+        return torch.bmm(h, w.transpose(1, 2))
+
+    return proj(F.silu(proj(x, "gate")) * proj(x, "up"), "down")
 
 
 def moe(x: torch.Tensor, w: MoEWeights, layer: int, experts: ExpertSource, n_used: int, norm_topk: bool,

@@ -6,6 +6,8 @@ for every type in ``SUPPORTED_TYPES``. ``random_blocks`` writes synthetic weight
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from math import prod
 
@@ -17,6 +19,8 @@ from ._formats import DECODERS, as_qtype
 from ._random import random_blocks
 
 __all__ = ["SUPPORTED_TYPES", "block_size", "dequantize", "nbytes", "random_blocks"]
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(DECODERS)
 
@@ -64,4 +68,34 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[i
     if raw.storage_offset() % 4:  # float views of the bytes need aligned storage
         raw = raw.clone()
     blocks = raw.reshape(-1, block_size(qtype)[1])
+    if blocks.device.type != "cpu" and _compile_enabled():
+        fused = _fused(qtype, dtype)
+        if fused is not None:
+            try:
+                return fused(blocks).reshape(shape)
+            except Exception as e:  # noqa: BLE001 - no working compiler here: stay eager from now on
+                log.warning("torch.compile of the %s decoder failed (%s); dequantising with eager kernels",
+                            qtype.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                _FUSED[(qtype, dtype)] = None
     return decode(blocks).reshape(shape).to(dtype)
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("FLASHMOE_COMPILE", "1") != "0"
+
+
+_FUSED: dict = {}  # (qtype, dtype) → compiled decoder, or None where compiling failed (a memo)
+
+
+def _fused(qtype: GGMLQuantizationType, dtype: torch.dtype):
+    """The decoder and the cast to ``dtype`` compiled into one kernel (torch.compile; GPUs only): the
+    eager decoders are 8–20 elementwise kernels each, bandwidth-bound on their float32 intermediates.
+    Same float32 arithmetic, so the same bits. Set FLASHMOE_COMPILE=0 to stay eager."""
+    key = (qtype, dtype)
+    if key not in _FUSED:
+        decode = DECODERS[qtype]
+        try:
+            _FUSED[key] = torch.compile(lambda b: decode(b).to(dtype), dynamic=True)
+        except Exception:  # noqa: BLE001 - torch.compile unavailable in this build
+            _FUSED[key] = None
+    return _FUSED[key]

@@ -167,3 +167,20 @@ def test_engine_logits_agree_with_llama_cpp_on_q4_k_m(make_model, llama_cpp, arc
         ours = eng.logits(toks).numpy()
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
     assert np.abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
+
+
+def test_a_prompt_that_extends_the_last_one_only_prefills_what_is_new(make_model):
+    """The next turn of a chat keeps the keys and values of the conversation so far; the reply is the
+    one a fresh engine gives to the whole prompt."""
+    path = make_model("qwen3moe", "Q8_0")
+    first = TOKENS[:12]
+    with fms.Engine.open(path) as eng:
+        reply = eng.tokenize(eng.generate(first, max_tokens=6, temperature=0, stream=False))
+        second = first + reply + TOKENS[12:18]
+        kept = eng.generate(second, max_tokens=8, temperature=0, stream=False)
+        cached = eng.last.prompt_cached
+        unrelated = eng.generate(TOKENS[18:] + TOKENS[:3], max_tokens=4, temperature=0, stream=False)
+        assert eng.last.prompt_cached == 0 and unrelated
+    with fms.Engine.open(path) as fresh:
+        assert fresh.generate(second, max_tokens=8, temperature=0, stream=False) == kept
+    assert len(first) - 1 <= cached <= len(second) - 1

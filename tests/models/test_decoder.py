@@ -112,3 +112,22 @@ def test_batched_sequences_equal_each_alone(make_model, arch):
     layers = [layer for layer, _ in experts.gets]
     assert layers == list(range(m.config.n_layer))  # one get per layer for the whole batch
     assert [kv.length for kv in kvs] == [10, 5, 16]
+
+
+def test_experts_run_in_groups_when_dequantised_weights_would_not_fit(make_model, monkeypatch):
+    """A small dequantisation budget splits a layer's experts into several gets; the logits stay the same."""
+    from flashmoe_stream.models import common
+
+    path = make_model("qwen3moe", "Q4_K_M")
+    m = open_gguf(path)
+    tokens = np.random.default_rng(3).integers(0, 300, 16).tolist()
+    whole = build_model(m.config, dense_weights(m), StoreExperts(path))
+    ref = whole.forward(torch.tensor(tokens), whole.new_kv_cache(16))
+    monkeypatch.setitem(common.DEQUANT_BUDGET, "cpu", 1)  # one expert at a time
+    experts = StoreExperts(path)
+    split = build_model(m.config, dense_weights(m), experts)
+    got = split.forward(torch.tensor(tokens), split.new_kv_cache(16))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # per layer: one get of every expert it needs (which tells the sizes), then one get per further expert
+    per_layer = [[ids for layer, ids in experts.gets if layer == i] for i in range(m.config.n_layer)]
+    assert all(len(gets) == len(gets[0]) and all(len(ids) == 1 for ids in gets[1:]) for gets in per_layer)
