@@ -204,6 +204,18 @@ def test_legacy_kv_b_layout_computes_what_the_split_one_does(make_model):
     assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
 
 
+def test_a_chat_turn_reuses_the_latent_cache(make_model):
+    """The engine keeps the last generation's cache; the next turn's reply equals a fresh engine's."""
+    path = make_model(ARCH, "Q8_0")
+    with fms.Engine.open(path) as eng:
+        reply = eng.tokenize(eng.generate(TOKENS[:12], max_tokens=6, temperature=0, stream=False))
+        second = TOKENS[:12] + reply + TOKENS[12:18]
+        kept = eng.generate(second, max_tokens=8, temperature=0, stream=False)
+        assert eng.last.prompt_cached >= 11
+    with fms.Engine.open(path) as fresh:
+        assert fresh.generate(second, max_tokens=8, temperature=0, stream=False) == kept
+
+
 def _router_decoder(n_expert, k, groups, used, gating, scale, norm, bias=None):
     cfg = Deepseek2Config(n_layer=1, n_embd=n_expert, n_head=1, n_head_kv=1, head_dim=2, n_vocab=1, n_ctx_train=1,
                           n_expert=n_expert, n_expert_used=k, n_ff_exp=1, rope_theta=1.0, rms_eps=1e-6,
