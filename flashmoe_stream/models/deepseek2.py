@@ -60,7 +60,7 @@ class Yarn:
     corr: tuple[float, float] = (0.0, 0.0)  # the dims between which interpolation ramps into extrapolation
 
     @classmethod
-    def of(cls, c: Deepseek2Config) -> "Yarn":
+    def of(cls, c: Deepseek2Config) -> Yarn:
         kq = 1.0 / math.sqrt(c.head_dim)
         if c.rope_scaling_factor <= 1.0:
             return cls(magnitude=c.rope_attn_factor, kq_scale=c.rope_attn_factor ** 2 * kq)
@@ -219,7 +219,7 @@ class Deepseek2Decoder(StreamingDecoder):
         kv.pe[i, start: start + T] = k_pe.to(kv.pe.dtype)
         lat, pe = kv.c[i, : start + T].float(), kv.pe[i, : start + T].float()
         if self.llama_numerics:  # llama.cpp keeps the cache in fp16 and rounds Q (and the softmax) to fp16
-            r16 = lambda t: t.half().float()  # noqa: E731
+            r16 = lambda t: t.half().float()
             q_abs, q_pe, lat, pe = r16(q_abs), r16(q_pe), r16(lat), r16(pe)
         att = torch.einsum("thr,sr->hts", q_abs, lat) + torch.einsum("thp,sp->hts", q_pe, pe)
         mask = _causal_mask(T, start, x.device)

@@ -323,12 +323,12 @@ def test_planner_for_deepseek_v3_671b_by_hand(v3_671b):
 
 def test_cli_inspect_plan(v3_671b):
     r = subprocess.run([sys.executable, "-m", "flashmoe_stream", "inspect", str(v3_671b), "--plan", "--disk-gbps", "3",
-                        "--tok-s", "5", "--json"], capture_output=True, text=True, timeout=120)
+                        "--tok-s", "5", "--json"], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["arch"] == ARCH and d["plan"]["hit_rate_needed"] > 0.9
     r = subprocess.run([sys.executable, "-m", "flashmoe_stream", "inspect", str(v3_671b), "--plan"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--disk-gbps" in r.stderr
 
 
