@@ -33,7 +33,8 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from .synth import synth
 
     r = synth(a.output, arch=a.arch, preset=a.preset, qtype=a.qtype, layers=a.layers,
-              split_size=a.split_size, seed=a.seed, progress=not a.json)
+              split_size=a.split_size, seed=a.seed, progress=not a.json,
+              metadata_only=getattr(a, "metadata_only", False))
     out = {"files": [str(p) for p in r.paths], "bytes": r.nbytes, "seconds": round(r.seconds, 3),
            "write_gb_per_s": round(r.gb_per_s, 3)}
     _emit(out, a.json, f"wrote {', '.join(out['files'])}: {format_size(r.nbytes)} in {r.seconds:.1f} s "
@@ -47,6 +48,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     info = ModelInfo.of(open_gguf(a.model))
     d = info.as_dict()
+    plan = None
+    if getattr(a, "plan", False):
+        if a.disk_gbps is None or a.tok_s is None or a.disk_gbps <= 0 or a.tok_s <= 0:
+            raise FlashMoeError("--plan needs --disk-gbps and --tok-s, both positive (e.g. --disk-gbps 3 --tok-s 5)")
+        plan = d["plan"] = info.plan(a.disk_gbps, a.tok_s)
     if a.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -61,6 +67,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         ("bytes per expert", format_size(info.bytes_per_expert)),
         ("read per token, 0% hits", format_size(info.bytes_per_token_cold)),
     ]
+    if plan is not None:
+        rows += [
+            (f"plan: {plan['tok_s']:g} tok/s on {plan['disk_gb_per_s']:g} GB/s", ""),
+            ("  tok/s at 0% hits", f"{plan['tok_s_at_0pct_hits']:.2f}"),
+            ("  hit rate needed", f"{plan['hit_rate_needed']:.1%} (assumes even routing: hit rate = cache share)"),
+            ("  expert cache (VRAM+RAM)", format_size(plan["expert_cache_bytes"])),
+            ("  + dense, resident", format_size(plan["dense_bytes"])),
+            ("  = memory needed", format_size(plan["memory_bytes"])),
+        ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0
@@ -232,7 +247,7 @@ def _engine_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .synth import ARCHS, PRESETS, QTYPES
+    from .synth import ARCHS, DEEPSEEK2_PRESETS, PRESETS, QTYPES
 
     p = argparse.ArgumentParser(
         prog="flashmoe",
@@ -282,10 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a GGUF with llama.cpp's tensor names, shapes and metadata for ARCH at the "
                                    "dimensions of PRESET, random zero-mean weights and a small byte-level BPE tokenizer.")
     s.add_argument("--arch", choices=ARCHS, default="qwen3moe")
-    s.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model dimensions (default: tiny, a few MB)")
+    s.add_argument("--preset", choices=sorted(set(PRESETS) | set(DEEPSEEK2_PRESETS)), default="tiny",
+                   help="model dimensions (default: tiny, a few MB); deepseek2: tiny (V3-shaped), tiny-lite "
+                        "(V2-Lite-shaped), deepseek-v2-lite, deepseek-v3")
     s.add_argument("--layers", type=int, help="override the preset's number of layers")
     s.add_argument("--qtype", default="Q8_0", metavar="TYPE",
                    help=f"quantisation: a ggml type or a llama.cpp mix ({', '.join(QTYPES)}); default Q8_0")
+    s.add_argument("--metadata-only", action="store_true",
+                   help="write the header with real tensor shapes and a sparse zero data section (for inspect --plan "
+                        "on full-size models; llama.cpp cannot run it)")
     s.add_argument("--split-size", type=_size, default=0, metavar="SIZE",
                    help="split into name-0000k-of-0000n.gguf files of at most SIZE (e.g. 2G)")
     s.add_argument("--seed", type=int, default=0)
@@ -297,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Architecture, experts, parameters, dense and expert bytes, and the bytes one "
                                    "token reads from disk when no expert is cached. Reads metadata only.")
     s.add_argument("model", type=Path, metavar="MODEL", help="a GGUF file (any shard of a split set)")
+    s.add_argument("--plan", action="store_true",
+                   help="also size the expert cache for --tok-s on a disk of --disk-gbps: miss bytes per token = "
+                        "expert bytes per token x (1 - hit rate), hit rate taken as the cache's share of the experts")
+    s.add_argument("--disk-gbps", type=float, metavar="GB/S", help="disk read bandwidth in GB/s (with --plan)")
+    s.add_argument("--tok-s", type=float, metavar="N", help="target decode tokens per second (with --plan)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
 

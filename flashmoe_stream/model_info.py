@@ -64,3 +64,30 @@ class ModelInfo:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def plan(self, disk_gb_per_s: float, tok_s: float) -> dict:
+        """The expert cache a target decode speed needs on a disk of ``disk_gb_per_s`` (GB/s, 1e9 bytes).
+
+        Model: decode is bound by the routed-expert bytes read from disk per token; a token needs
+        ``bytes_per_token_cold`` (k experts in every MoE layer) and a cache hit saves the read, so
+        miss bytes per token = bytes_per_token_cold × (1 − hit rate). Assumption: routing spreads
+        evenly over a layer's experts, so a cache holding a share s of the expert bytes hits with
+        probability s (real routing is skewed, so this is the pessimistic end). Then
+        tok/s = disk bandwidth / (bytes_per_token_cold × (1 − s)), and the target needs
+        s ≥ 1 − bandwidth / (tok_s × bytes_per_token_cold). Dense weights stay resident on top.
+        """
+        if disk_gb_per_s <= 0 or tok_s <= 0:
+            raise ValueError("disk bandwidth and tok/s must be positive")
+        bw = disk_gb_per_s * 1e9
+        cold = self.bytes_per_token_cold
+        share = min(1.0, max(0.0, 1.0 - bw / (tok_s * cold))) if cold else 0.0
+        cache = int(round(share * self.bytes_experts))
+        return {
+            "disk_gb_per_s": disk_gb_per_s, "tok_s": tok_s,
+            "tok_s_at_0pct_hits": bw / cold if cold else float("inf"),
+            "hit_rate_needed": share,
+            "miss_bytes_per_token": int(cold * (1.0 - share)),
+            "expert_cache_bytes": cache,
+            "dense_bytes": self.bytes_dense,
+            "memory_bytes": self.bytes_dense + cache,
+        }

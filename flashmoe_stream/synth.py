@@ -41,6 +41,24 @@ class Preset:
     n_ctx: int
     rope_theta: float
     rms_eps: float
+    # deepseek2 (MLA, leading dense blocks, shared experts, grouped sigmoid routing, YaRN); unused elsewhere
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    n_dense_lead: int = 0
+    n_ff: int = 0
+    n_shared: int = 0
+    n_groups: int = 0
+    n_group_used: int = 0
+    gating: str = "softmax"
+    weights_scale: float = 1.0
+    weights_norm: bool = True
+    yarn_factor: float = 0.0  # 0: no RoPE scaling
+    yarn_orig_ctx: int = 0
+    yarn_mscale_all_dim: float = 0.0
+    mla_split: bool = True  # split attn_k_b/attn_v_b (current converters) or the legacy attn_kv_b
+    out_scale: float = 0.5  # std of the blocks' output projections (x fan-in^-0.5): how much a layer moves the residual
 
 
 # Real dimensions of the published models (from their config.json); `tiny` is a few MB.
@@ -50,7 +68,33 @@ PRESETS: dict[str, Preset] = {
     "qwen3-235b-a22b": Preset(94, 4096, 64, 4, 128, 128, 8, 1536, 151936, 40960, 1e6, 1e-6),
     "mixtral-8x7b": Preset(32, 4096, 32, 8, 128, 8, 2, 14336, 32000, 32768, 1e6, 1e-5),
 }
-ARCHS = ("qwen3moe", "llama")
+# deepseek2: head_dim is the MLA q/k head (qk_nope + qk_rope). `tiny` is V3-shaped (q_lora, sigmoid routing
+# with selection bias, expert groups, weight scale, a leading dense block), `tiny-lite` V2-Lite-shaped. The
+# tiny ones move the residual less per layer (out_scale 0.15): with 8-bit activation rounding a random model
+# amplifies float noise, and a calmer one keeps llama.cpp comparisons above that noise floor.
+DEEPSEEK2_PRESETS: dict[str, Preset] = {
+    "tiny": Preset(4, 256, 4, 1, 96, 16, 4, 256, 512, 4096, 10000.0, 1e-6, q_lora_rank=256, kv_lora_rank=256,
+                   qk_rope_dim=32, v_head_dim=64, n_dense_lead=1, n_ff=512, n_shared=1, n_groups=4, n_group_used=2,
+                   gating="sigmoid", weights_scale=2.5, weights_norm=True, yarn_factor=4.0, yarn_orig_ctx=256,
+                   yarn_mscale_all_dim=1.0, out_scale=0.15),
+    "tiny-lite": Preset(4, 256, 4, 1, 96, 8, 2, 256, 512, 4096, 10000.0, 1e-6, q_lora_rank=0, kv_lora_rank=256,
+                        qk_rope_dim=32, v_head_dim=64, n_dense_lead=1, n_ff=512, n_shared=2, gating="softmax",
+                        weights_norm=False, yarn_factor=4.0, yarn_orig_ctx=256, yarn_mscale_all_dim=0.707,
+                        out_scale=0.15),
+    "deepseek-v2-lite": Preset(27, 2048, 16, 1, 192, 64, 6, 1408, 102400, 163840, 10000.0, 1e-6, q_lora_rank=0,
+                               kv_lora_rank=512, qk_rope_dim=64, v_head_dim=128, n_dense_lead=1, n_ff=10944,
+                               n_shared=2, n_groups=1, n_group_used=1, gating="softmax", weights_norm=False,
+                               yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707),
+    "deepseek-v3": Preset(61, 7168, 128, 1, 192, 256, 8, 2048, 129280, 163840, 10000.0, 1e-6, q_lora_rank=1536,
+                          kv_lora_rank=512, qk_rope_dim=64, v_head_dim=128, n_dense_lead=3, n_ff=18432, n_shared=1,
+                          n_groups=8, n_group_used=4, gating="sigmoid", weights_scale=2.5, weights_norm=True,
+                          yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0),
+}
+ARCHS = ("qwen3moe", "llama", "deepseek2")
+
+
+def presets_for(arch: str) -> dict[str, Preset]:
+    return DEEPSEEK2_PRESETS if arch == "deepseek2" else PRESETS
 
 
 
@@ -158,7 +202,7 @@ def _add_tokenizer(w: GGUFWriter, arch: str, n_vocab: int) -> None:
     w.add_bos_token_id(special_ids["<|endoftext|>"])
     w.add_eos_token_id(special_ids["<|im_end|>"])
     w.add_pad_token_id(special_ids["<|endoftext|>"])
-    w.add_add_bos_token(arch == "llama")
+    w.add_add_bos_token(arch != "qwen3moe")
     w.add_chat_template(CHAT_TEMPLATE)
 
 
@@ -183,6 +227,9 @@ def _tensor_plan(arch: str, p: Preset, mix: _Mix) -> list[_Tensor]:
 
     main = mix.dense
     out = [mat("token_embd.weight", (p.n_vocab, e), main, 1.0)]
+    if arch == "deepseek2":
+        return out + _deepseek2_layers(p, mix, mat) + [
+            _Tensor("output_norm.weight", (e,), Q.F32, 0.0), mat("output.weight", (p.n_vocab, e), mix.output, e ** -0.5)]
     for i in range(p.n_layer):
         b = f"blk.{i}."
         out += [
@@ -202,6 +249,50 @@ def _tensor_plan(arch: str, p: Preset, mix: _Mix) -> list[_Tensor]:
             mat(b + "ffn_down_exps.weight", (p.n_expert, e, ff), mix.down, ff ** -0.5),
         ]
     out += [_Tensor("output_norm.weight", (e,), Q.F32, 0.0), mat("output.weight", (p.n_vocab, e), mix.output, e ** -0.5)]
+    return out
+
+
+def _deepseek2_layers(p: Preset, mix: _Mix, mat) -> list[_Tensor]:
+    """llama.cpp's deepseek2 tensors (llama_model_deepseek2::load_arch_tensors), in torch order."""
+    e, H, hd, r, rope, v = p.n_embd, p.n_head, p.head_dim, p.kv_lora_rank, p.qk_rope_dim, p.v_head_dim
+    nope, ff, main = hd - rope, p.n_ff_exp, mix.dense
+    out: list[_Tensor] = []
+    for i in range(p.n_layer):
+        b = f"blk.{i}."
+        out.append(_Tensor(b + "attn_norm.weight", (e,), Q.F32, 0.0))
+        if p.q_lora_rank:
+            out += [mat(b + "attn_q_a.weight", (p.q_lora_rank, e), main, e ** -0.5),
+                    _Tensor(b + "attn_q_a_norm.weight", (p.q_lora_rank,), Q.F32, 0.0),
+                    mat(b + "attn_q_b.weight", (H * hd, p.q_lora_rank), main, p.q_lora_rank ** -0.5)]
+        else:
+            out.append(mat(b + "attn_q.weight", (H * hd, e), main, e ** -0.5))
+        out += [mat(b + "attn_kv_a_mqa.weight", (r + rope, e), main, e ** -0.5),
+                _Tensor(b + "attn_kv_a_norm.weight", (r,), Q.F32, 0.0)]
+        if p.mla_split:  # ggml {nope, r, H} and {r, v, H}: per head, latent → k_nope transposed, latent → v
+            out += [mat(b + "attn_k_b.weight", (H, r, nope), main, r ** -0.5),
+                    mat(b + "attn_v_b.weight", (H, v, r), main, r ** -0.5)]
+        else:
+            out.append(mat(b + "attn_kv_b.weight", (H * (nope + v), r), main, r ** -0.5))
+        out += [mat(b + "attn_output.weight", (e, H * v), main, p.out_scale * (H * v) ** -0.5),
+                _Tensor(b + "ffn_norm.weight", (e,), Q.F32, 0.0)]
+        if i < p.n_dense_lead:
+            out += [mat(b + "ffn_gate.weight", (p.n_ff, e), mix.experts, e ** -0.5),
+                    mat(b + "ffn_up.weight", (p.n_ff, e), mix.experts, e ** -0.5),
+                    mat(b + "ffn_down.weight", (e, p.n_ff), mix.down, p.out_scale * p.n_ff ** -0.5)]
+            continue
+        # sigmoid scores saturate: a smaller router spread keeps the choice clear of near-ties
+        router_std = (1.0 if p.gating == "sigmoid" else 2.0) * e ** -0.5
+        out.append(_Tensor(b + "ffn_gate_inp.weight", (p.n_expert, e), Q.F32, router_std))
+        if p.gating == "sigmoid":
+            out.append(_Tensor(b + "exp_probs_b.bias", (p.n_expert,), Q.F32, 0.05))
+        out += [mat(b + "ffn_gate_exps.weight", (p.n_expert, ff, e), mix.experts, e ** -0.5),
+                mat(b + "ffn_up_exps.weight", (p.n_expert, ff, e), mix.experts, e ** -0.5),
+                mat(b + "ffn_down_exps.weight", (p.n_expert, e, ff), mix.down, p.out_scale * ff ** -0.5)]
+        if p.n_shared:
+            fs = ff * p.n_shared
+            out += [mat(b + "ffn_gate_shexp.weight", (fs, e), mix.experts, e ** -0.5),
+                    mat(b + "ffn_up_shexp.weight", (fs, e), mix.experts, e ** -0.5),
+                    mat(b + "ffn_down_shexp.weight", (e, fs), mix.down, p.out_scale * fs ** -0.5)]
     return out
 
 
@@ -252,17 +343,23 @@ class SynthResult:
 
 def synth(out: str | os.PathLike, arch: str = "qwen3moe", preset: str = "tiny", qtype: str = "Q8_0",
           layers: int | None = None, split_size: int = 0, seed: int = 0, progress: bool = False,
-          **overrides: int) -> SynthResult:
+          metadata_only: bool = False, **overrides) -> SynthResult:
     """Write a synthetic model to ``out`` (split into ``-0000k-of-0000n`` files when ``split_size`` > 0).
 
     Files appear under their final names only once complete (written under a temporary folder beside
     them, fsynced, then renamed). ``overrides`` replace preset fields (e.g. ``n_expert=16``).
+    ``metadata_only``: the header (metadata and tensor infos with real shapes and types) and a sparse,
+    all-zero data section — full-size models for the planner (``flashmoe inspect``) in no disk space.
     """
     if arch not in ARCHS:
         raise UnsupportedError(f"synth cannot write architecture {arch!r} (choose from {', '.join(ARCHS)})")
-    if preset not in PRESETS:
-        raise UnsupportedError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    p = replace(PRESETS[preset], **({"n_layer": layers} if layers else {}), **overrides)
+    presets = presets_for(arch)
+    if preset not in presets:
+        raise UnsupportedError(f"unknown preset {preset!r} for {arch} (choose from {', '.join(presets)})")
+    p = replace(presets[preset], **({"n_layer": layers} if layers else {}), **overrides)
+    if arch == "deepseek2" and p.n_dense_lead >= p.n_layer:
+        raise UnsupportedError(f"--layers {p.n_layer}: a {preset} model needs more than its {p.n_dense_lead} "
+                               "leading dense layers to have routed experts")
     mix = _type_plan(qtype)
     out = Path(out)
     tensors = _tensor_plan(arch, p, mix)
@@ -287,7 +384,10 @@ def synth(out: str | os.PathLike, arch: str = "qwen3moe", preset: str = "tiny", 
             f.flush()
             starts.append(f.tell())
             f.close()
-        _write_data(files, starts, w, {t.name: (i, t) for i, t in enumerate(tensors)}, seed, total, progress)
+        if metadata_only:
+            _write_sparse(files, starts, w, {t.name: t for t in tensors})
+        else:
+            _write_data(files, starts, w, {t.name: (i, t) for i, t in enumerate(tensors)}, seed, total, progress)
         seconds = time.perf_counter() - t0
         finals = [out.parent / f.name for f in files]
         for f, final in reversed(list(zip(files, finals))):  # the first shard appears last
@@ -306,12 +406,15 @@ def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, nam
     w.add_embedding_length(p.n_embd)
     w.add_block_count(p.n_layer)
     w.add_head_count(p.n_head)
-    w.add_head_count_kv(p.n_head_kv)
+    # legacy deepseek2 files (attn_kv_b) are plain MHA: one KV head per head; the split layout is MQA over the latent
+    w.add_head_count_kv(p.n_head if arch == "deepseek2" and not p.mla_split else p.n_head_kv)
     w.add_rope_freq_base(p.rope_theta)
     w.add_layer_norm_rms_eps(p.rms_eps)
     w.add_expert_count(p.n_expert)
     w.add_expert_used_count(p.n_expert_used)
-    if arch == "qwen3moe":
+    if arch == "deepseek2":
+        _add_deepseek2_metadata(w, p)
+    elif arch == "qwen3moe":
         w.add_key_length(p.head_dim)
         w.add_value_length(p.head_dim)
         w.add_expert_feed_forward_length(p.n_ff_exp)
@@ -321,6 +424,51 @@ def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, nam
         w.add_rope_dimension_count(p.head_dim)
         w.add_feed_forward_length(p.n_ff_exp)
     _add_tokenizer(w, arch, p.n_vocab)
+
+
+def _add_deepseek2_metadata(w: GGUFWriter, p: Preset) -> None:
+    """As convert_hf_to_gguf.py's DeepseekV2Model writes them (MLA as MQA over the latent: one KV head)."""
+    from gguf import ExpertGatingFuncType, RopeScalingType
+
+    nope = p.head_dim - p.qk_rope_dim
+    w.add_vocab_size(p.n_vocab)
+    w.add_leading_dense_block_count(p.n_dense_lead)
+    w.add_feed_forward_length(p.n_ff)
+    # the converter omits q_lora_rank for V2-Lite (llama.cpp then spots "lite" by its 27 layers); 0 works at any depth
+    w.add_q_lora_rank(p.q_lora_rank)
+    w.add_kv_lora_rank(p.kv_lora_rank)
+    if p.mla_split:
+        w.add_key_length(p.kv_lora_rank + p.qk_rope_dim)
+        w.add_value_length(p.kv_lora_rank)
+        w.add_key_length_mla(nope + p.qk_rope_dim)
+        w.add_value_length_mla(p.v_head_dim)
+    else:  # the legacy layout (attn_kv_b): per-head K and V sizes
+        w.add_key_length(nope + p.qk_rope_dim)
+        w.add_value_length(p.v_head_dim)
+    w.add_rope_dimension_count(p.qk_rope_dim)
+    w.add_expert_feed_forward_length(p.n_ff_exp)
+    w.add_expert_shared_count(p.n_shared)
+    w.add_expert_weights_scale(p.weights_scale)
+    if p.weights_norm:
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if p.gating == "sigmoid" else ExpertGatingFuncType.SOFTMAX)
+    if p.n_groups:
+        w.add_expert_group_count(p.n_groups)
+        w.add_expert_group_used_count(p.n_group_used)
+    if p.yarn_factor:
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(p.yarn_factor)
+        w.add_rope_scaling_orig_ctx_len(p.yarn_orig_ctx)
+        w.add_rope_scaling_yarn_log_mul(0.1 * p.yarn_mscale_all_dim)
+
+
+def _write_sparse(files: list[Path], starts: list[int], w: GGUFWriter, plan: dict[str, _Tensor]) -> None:
+    """Each shard extended to its full length without writing: the data reads as zeros, takes no space."""
+    align = w.data_alignment
+    for path, pos, shard in zip(files, starts, w.tensors):
+        for name in shard:
+            pos += -pos % align + quant.nbytes(plan[name].qtype, plan[name].shape)
+        os.truncate(path, pos)
 
 
 def _write_data(files: list[Path], starts: list[int], w: GGUFWriter, plan: dict[str, tuple[int, _Tensor]],

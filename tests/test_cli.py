@@ -60,7 +60,7 @@ def test_unsupported_architecture_one_line(tmp_path):
     w.close()
     r = run("inspect", tmp_path / "gpt2.gguf")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert "unsupported architecture 'gpt2' (supported: llama, qwen3moe)" in r.stderr
+    assert "unsupported architecture 'gpt2' (supported: deepseek2, llama, qwen3moe)" in r.stderr
 
 
 def test_help_explains_commands():

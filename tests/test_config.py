@@ -18,7 +18,7 @@ def test_config_matches_the_preset_written(make_model, arch, cls):
 
 
 def test_unsupported_architecture_names_it_and_the_supported_ones():
-    with pytest.raises(UnsupportedError, match=r"unsupported architecture 'gpt2' \(supported: llama, qwen3moe\)"):
+    with pytest.raises(UnsupportedError, match=r"unsupported architecture 'gpt2' \(supported: deepseek2, llama, qwen3moe\)"):
         config_from_metadata({"general.architecture": "gpt2"})
 
 

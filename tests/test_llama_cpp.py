@@ -16,7 +16,7 @@ def _llama(llama_cpp, path, **kw):
                            verbose=False, seed=0, **kw)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama", "deepseek2"])
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_llama_cpp_loads_and_runs(llama_cpp, make_model, arch, qtype):
     llm = _llama(llama_cpp, make_model(arch, qtype))
