@@ -97,3 +97,26 @@ def test_bench_run_reports_decode_against_the_io_bound(make_model):
     assert d["ratio_to_io_bound"] == round(d["decode"]["tok_per_s"] / d["io_bound_tok_per_s"], 3) or \
         abs(d["ratio_to_io_bound"] - d["decode"]["tok_per_s"] / d["io_bound_tok_per_s"]) < 0.01
     assert d["distinct_expert_sets_per_layer_min"] >= 4  # teacher-forced tokens route variously
+
+
+def test_the_cli_works_without_the_server_extra(make_model, tmp_path):
+    """Only `serve` needs fastapi and uvicorn; without them it says so in one line, and the rest works."""
+    import subprocess
+    import sys
+
+    shim = tmp_path / "noserver.py"
+    shim.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette'):\n"
+        "            raise ImportError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from flashmoe_stream.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    model = str(make_model("qwen3moe", "Q8_0"))
+    ok = subprocess.run([sys.executable, shim, "inspect", model], capture_output=True, text=True)
+    assert ok.returncode == 0 and "qwen3moe" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, shim, "serve", "-m", model], capture_output=True, text=True)
+    assert bad.returncode == 1 and "pip install 'flashmoe-stream[server]'" in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

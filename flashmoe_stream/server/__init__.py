@@ -11,14 +11,21 @@ Needs the `server` extra (fastapi, uvicorn).
 
 from ..errors import UnsupportedError
 
-try:
-    from .app import Defaults, create_app
-    from .bench import bench_serve
-    from .server import Server
-except ImportError as e:
-    if (e.name or "").split(".")[0] not in ("fastapi", "uvicorn", "starlette", "pydantic"):
-        raise
-    raise UnsupportedError(f"the server needs {e.name or 'fastapi and uvicorn'}: "
-                           "pip install 'flashmoe-stream[server]'") from None
-
 __all__ = ["Defaults", "Server", "bench_serve", "create_app"]
+
+_WHERE = {"Defaults": ".app", "create_app": ".app", "bench_serve": ".bench", "Server": ".server"}
+
+
+def __getattr__(name: str):
+    """Imported on first use, so the CLI (and `bench serve`'s options) work without the server extra."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise UnsupportedError(f"the server needs {e.name or 'fastapi and uvicorn'}: "
+                               "pip install 'flashmoe-stream[server]'") from None
