@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vram-cache", metavar="SIZE", help="device-tier budget: 8G, 512M or 10%% of the expert bytes "
                                                          "(default: 80%% of free device memory)")
     s.add_argument("--ram-cache", metavar="SIZE", help="RAM-tier budget (default: half the available RAM)")
-    s.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware or module:Class")
+    s.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware, predictive or "
+                                                    "module:Class (docs/POLICIES.md)")
     s.add_argument("--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts")
     s.add_argument("--io-threads", type=int, default=8, help="threads reading experts (default 8)")
     s.add_argument("--trace", metavar="FILE", type=Path,
@@ -333,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "hit rate, bytes read from disk, ratio to Belady; with --prefetch, a predictor's "
                                    "precision and recall.")
     s.add_argument("trace", type=Path, metavar="TRACE", help="a .npz trace from flashmoe run --trace")
-    s.add_argument("--policy", default="lru,lfu,lfru,layer-aware,belady",
-                   help="comma-separated: built-in names or module:Class (default: lru,lfu,lfru,layer-aware,belady)")
+    s.add_argument("--policy", default="lru,lfu,lfru,layer-aware,predictive,belady",
+                   help="comma-separated: built-in names or module:Class (default: lru,lfu,lfru,layer-aware,predictive,belady)")
     s.add_argument("--capacity", default="5%,10%,25%,50%",
                    help="comma-separated sizes of the simulated tier: %% of all expert bytes, or bytes (8M, 1G)")
     s.add_argument("--tiers", metavar="SIZE[,SIZE]",
