@@ -205,13 +205,13 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         return 0
     print(f"{trace.n_rows} tokens, {len(trace.layers)} MoE layers, {trace.meta.get('n_expert', '?')} experts per "
           f"layer ({'each token alone' if a.per_token else 'as the runtime fetched them'})")
-    head = f"{'policy':<14}{'capacity':>9}{'experts':>8}{'hit rate':>9}{'× belady':>9}{'read':>11}"
+    head = f"{'policy':<14}{'capacity':>9}{'experts':>8}{'hit rate':>9}{'× belady':>9}{'read':>12}"
     if a.prefetch != "none":
         head += f"{'precision':>10}{'recall':>8}"
     print(head)
     for r in results:
         line = (f"{r.policy:<14}{r.capacity:>9}{r.capacity_experts:>8}{100 * r.hit_rate:>8.1f}%"
-                f"{r.ratio_to_belady:>9.3f}{format_size(r.bytes_read):>11}")
+                f"{r.ratio_to_belady:>9.3f}{format_size(r.bytes_read):>12}")
         if a.prefetch != "none":
             pr, rc = r.precision, r.recall
             line += f"{'-' if pr is None else f'{100 * pr:.1f}%':>10}{'-' if rc is None else f'{100 * rc:.1f}%':>8}"
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "precision and recall.")
     s.add_argument("trace", type=Path, metavar="TRACE", help="a .npz trace from flashmoe run --trace")
     s.add_argument("--policy", default="lru,lfu,lfru,layer-aware,predictive,belady",
-                   help="comma-separated: built-in names or module:Class (default: lru,lfu,lfru,layer-aware,predictive,belady)")
+                   help="comma-separated: built-in names or module:Class (default: all the built-in ones)")
     s.add_argument("--capacity", default="5%,10%,25%,50%",
                    help="comma-separated sizes of the simulated tier: %% of all expert bytes, or bytes (8M, 1G)")
     s.add_argument("--tiers", metavar="SIZE[,SIZE]",

@@ -269,7 +269,7 @@ class Predictive:
     exponential moving average over the passes of its layer (weight ``alpha`` for the latest pass; a key never
     used starts at ``prior``), so it follows what the text is about now rather than over the whole run; and a
     key inserted but not used yet (a prefetch: the model predicted it for its layer's next turn) counts as
-    certain (``p = 1``) until its first use. History survives eviction. Within a layer the ranking of two keys
+    certain (``p = 1``) until its first use or the end of that turn, whichever comes first. History survives eviction. Within a layer the ranking of two keys
     does not change between their uses (the decay is common to the layer), so each layer keeps a heap and
     ``victim`` compares the layers' heads: O(N + log n).
     """
@@ -284,19 +284,19 @@ class Predictive:
         self._cur: int | None = None
         self._passes: dict[int, int] = defaultdict(int)
         self._hist: dict[Key, tuple[float, int]] = {}  # key -> (p just after its last use, pass of that use)
-        self._fresh: set[Key] = set()  # inserted, not used since
+        self._fresh: dict[int, dict[Key, int]] = defaultdict(dict)  # layer -> {inserted, unused key: pass then}
         self._heaps: dict[int, _LazyHeap] = defaultdict(_LazyHeap)
 
     def _rank(self, key: Key) -> float:
         """log p(now) minus the layer's common decay: constant between uses of ``key``."""
-        if key in self._fresh:
+        if key in self._fresh[key[0]]:
             return math.inf
         p, t = self._hist.get(key, (self._prior, self._passes.get(key[0], 0)))
         return math.log(p) - t * self._lb
 
     def p(self, key: Key) -> float:
         """The current estimate that ``key`` is used in a pass of its layer."""
-        if key in self._fresh:
+        if key in self._fresh[key[0]]:
             return 1.0
         p, t = self._hist.get(key, (self._prior, self._passes.get(key[0], 0)))
         return p * math.exp((self._passes.get(key[0], 0) - t) * self._lb)
@@ -305,23 +305,36 @@ class Predictive:
         layer = key[0]
         self._max_layer = max(self._max_layer, layer)
         if layer != self._cur:
+            if self._cur is not None:
+                self._expire(self._cur)
             self._passes[layer] += 1
             self._cur = layer
         now = self._passes[layer]
         p, t = self._hist.get(key, (self._prior, now - 1))
         if t != now:  # once per pass
             self._hist[key] = (p * math.exp((now - t) * self._lb) + self._alpha, now)
-        self._fresh.discard(key)
+        self._fresh[layer].pop(key, None)
         if key in self._heaps[layer]:
             self._heaps[layer].set(key, self._rank(key))
 
+    def _expire(self, layer: int) -> None:
+        """Layer ``layer``'s pass ended: keys inserted before it and not used in it were mispredicted."""
+        fresh = self._fresh.get(layer)
+        if not fresh:
+            return
+        now = self._passes[layer]
+        for key in [k for k, t in fresh.items() if t < now]:
+            del fresh[key]
+            if key in self._heaps[layer]:
+                self._heaps[layer].set(key, self._rank(key))
+
     def on_insert(self, key: Key) -> None:
         self._max_layer = max(self._max_layer, key[0])
-        self._fresh.add(key)
+        self._fresh[key[0]][key] = self._passes.get(key[0], 0)
         self._heaps[key[0]].set(key, self._rank(key))
 
     def on_evict(self, key: Key) -> None:
-        self._fresh.discard(key)
+        self._fresh[key[0]].pop(key, None)
         h = self._heaps.get(key[0])
         if h is not None:
             h.remove(key)

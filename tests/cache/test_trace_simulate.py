@@ -76,7 +76,7 @@ def test_previous_predictor_precision_and_recall(tmp_path):
 def test_trace_stats_by_hand(tmp_path):
     t = _hand_trace(tmp_path, [0, 0, 1, 0])
     row = trace_stats(t)["layers"][0]
-    assert row["top10_share"] == pytest.approx(0.75)  # 32 experts? no: n_expert 4 -> top 1 expert = 3 of 4
+    assert row["top10_share"] == pytest.approx(0.75)  # n_expert 4: the top 10 % is 1 expert, 3 of the 4 uses
     assert row["reuse_le_1"] == pytest.approx(1 / 4)  # only token 2 reuses the previous token's expert
     assert row["reuse_le_4"] == pytest.approx(2 / 4)  # token 4 reuses expert 0 from 2 tokens back
 
@@ -156,3 +156,12 @@ def test_cli_simulate_errors_are_one_line(tmp_path, args, msg):
     del trace
     r = _cli(*[a.format(tmp=tmp_path, trace=tmp_path / "hand.npz") for a in args])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    from flashmoe_stream.cache.simulate import plot
+
+    t = _hand_trace(tmp_path, [0, 1, 2, 0])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(FlashMoeError, match=r"pip install 'flashmoe-stream\[plot\]'"):
+        plot(simulate(t, ["lru"], ["50%"]), str(tmp_path / "x.png"))
