@@ -35,3 +35,17 @@ def test_builtin_model_greedy_equals_llama_cpp(llama_cpp, prompt):
     assert ours == theirs
     assert text == llm.detokenize(theirs).decode("utf-8", errors="replace")
     assert len(set(theirs)) > 3  # not one token repeated
+
+
+def test_demo_streams_the_builtin_model_through_a_small_cache(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "flashmoe_stream", "demo", "--dir", str(tmp_path), "-n", "24"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("import os\nimport sys\n\n\ndef main():\n")
+    generated = r.stdout[len("import os\nimport sys\n\n\ndef main():\n"):]
+    assert len(set(generated.split())) >= 5  # words, not one token repeated
+    assert "decode 24 tok" in r.stderr and "read " in r.stderr
+    assert (tmp_path / "tiny-moe-Q8_0.store" / "manifest.json").is_file()

@@ -322,7 +322,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     log = {"config": c, "args": {k: v for k, v in vars(a).items() if k != "fn"}, "steps": []}
     t_start = time.time()
-    total = None
+    total = a.steps
     step = 0
     best = (math.inf, 0, None)
     while True:
@@ -419,14 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dir")
     s.add_argument("out")
     s.add_argument("--device", default="cuda")
-    s.add_argument("--seconds", type=float, default=240, help="training time budget (the step count is set from it)")
+    s.add_argument("--seconds", type=float, default=85, help="training time budget (the step count is set from it)")
+    s.add_argument("--steps", type=int, help="train exactly this many steps instead (the shipped model: 1268)")
     s.add_argument("--seq", type=int, default=512)
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--warmup", type=int, default=200)
+    s.add_argument("--warmup", type=int, default=100)
     s.add_argument("--balance", type=float, default=0.01, help="load-balancing loss weight")
     s.add_argument("--prefetch", type=float, default=1.0, help="prefetch-consistency loss weight")
-    s.add_argument("--eval-every", type=int, default=250)
+    s.add_argument("--eval-every", type=int, default=200)
     s.add_argument("--val-batches", type=int, default=8)
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("export", help="weights -> Q8_0 GGUF via flashmoe_stream.synth.write_model")
