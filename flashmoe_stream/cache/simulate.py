@@ -2,15 +2,17 @@
 
 The tiers are the runtime's own ``Tier`` objects driven by the runtime's own policy classes
 (``make_policy``), the way ``ExpertCache.get`` drives them: one global byte budget over all layers; for
-each get (one layer of one forward call) the experts asked for are pinned while it is served, a resident
-expert is a hit (``on_access``), a missing one is a miss (room made by the policy's ``victim``, then
-``on_insert`` and ``on_access``). Behind the first tier, optional lower tiers (``tiers``: the RAM tier
-behind the device tier) serve its misses; what the last tier misses is read from disk.
+each get (one layer of one forward call) the experts asked for are pinned while it is served; resident
+ones are hits (``on_access``), then every missing one is loaded (room made by the policy's ``victim``,
+``on_insert``) and then used (``on_access``). Without prefetch this reproduces the runtime's device-tier
+hits exactly (tested). Behind the first tier, optional lower tiers (``lower``: the RAM tier behind the
+device tier) serve its misses; what the last tier misses is read from disk.
 
-Belady's MIN (``belady``) gets the whole future access sequence: it is the offline optimum for a tier
-without prefetch and the yardstick of every ratio (with prefetch, Belady gets the same prefetches). Predictors (``previous``: the experts the same layer
-used at the previous call; ``router``: the runtime's recorded next-layer gate look-ahead) are replayed
-as prefetches into the first tier before each get, and scored by precision and recall.
+Belady's MIN (``belady``) gets the whole future access sequence (and sees it in trace order): it is the
+offline optimum for a tier without prefetch and the yardstick of every ratio (with prefetch, Belady gets
+the same prefetches). Predictors (``previous``: the experts the same layer used at the previous call;
+``router``: the runtime's recorded next-layer gate look-ahead) are replayed as prefetches into the first
+tier before each get, and scored by precision and recall.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def simulate_one(trace: Trace, policy: str, capacity: str | int, lower: Sequence
         tiers.append(Tier(f"lower{len(tiers)}", parse_size(c, total), new_policy()))
     res = Result(policy, str(capacity), cap, cap // one, prefetch=prefetch, lower_hits=[0] * (len(tiers) - 1))
     predict = _predictor(trace, prefetch, per_token)
+    in_order = policy.strip().lower() == "belady"  # MIN consumes the future in trace order
     first = tiers[0]
     pending: set = set()  # prefetched into the first tier, not asked for yet
     for i, (s, layer, ids) in enumerate(acc):
@@ -144,6 +147,7 @@ def simulate_one(trace: Trace, policy: str, capacity: str | int, lower: Sequence
                 first.insert(k, None, nb)
                 res.prefetched += 1
                 pending.add(k)
+        missed = []
         for k in keys:
             res.accesses += 1
             if k in pending:
@@ -151,10 +155,19 @@ def simulate_one(trace: Trace, policy: str, capacity: str | int, lower: Sequence
                 res.prefetch_used += k in first
             if k in first:
                 res.hits += 1
-            else:
+                first.access(k)
+            elif in_order:
                 first.make_room(nb)
                 _fetch_below(tiers, k, nb, res)
                 first.insert(k, None, nb)
+                first.access(k)
+            else:
+                missed.append(k)
+        for k in missed:  # as ExpertCache.get: hits are used first, then every miss is loaded, then used
+            first.make_room(nb)
+            _fetch_below(tiers, k, nb, res)
+            first.insert(k, None, nb)
+        for k in missed:
             first.access(k)
         for k in keys:
             first.unpin(k)

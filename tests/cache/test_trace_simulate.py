@@ -165,3 +165,20 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(FlashMoeError, match=r"pip install 'flashmoe-stream\[plot\]'"):
         plot(simulate(t, ["lru"], ["50%"]), str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "layer-aware", "predictive"])
+def test_simulator_reproduces_the_runtime_cache_exactly(make_model, tmp_path, policy):
+    """Same policy classes, same tier, same order of calls: without prefetch the simulated hits and misses
+    are the runtime's device-tier hits and misses, token for token."""
+    path = make_model("qwen3moe", "Q8_0", n_expert=16)
+    with fms.Engine.open(path, ram_cache="40%", policy=policy, prefetch=False) as eng:
+        rec = TraceRecorder({"n_expert": 16, "expert_bytes": {str(layer): eng.store.expert_nbytes(layer)
+                                                              for layer in eng.store.layers}})
+        eng.generate("What's AI? The quick brown fox jumps", max_tokens=12, temperature=0, stream=False,
+                     on_route=rec.on_route)
+        rec.end_sequence(eng.last.tokens, eng.last.prompt_tokens)
+        s = eng.stats()["total"]
+    r = simulate_one(Trace.load(rec.save(tmp_path / "t.npz")), policy, "40%")
+    assert s["device_misses"] > 0 and s["device_hits"] > 0
+    assert (r.hits, r.accesses - r.hits) == (s["device_hits"], s["device_misses"])
