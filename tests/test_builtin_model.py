@@ -42,7 +42,7 @@ def test_demo_streams_the_builtin_model_through_a_small_cache(tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "flashmoe_stream", "demo", "--dir", str(tmp_path), "-n", "24"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("architecture             qwen3moe")  # inspect's table first
     prompt = "import os\nimport sys\n\n\ndef main():\n"

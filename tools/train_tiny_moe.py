@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -117,12 +116,11 @@ def _chat_docs(roots: list[Path], rng: random.Random) -> list[str]:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    import regex
     from tqdm import tqdm
 
     from flashmoe_stream.engine.tokenizer import PRE_TOKENIZERS, Tokenizer
     from flashmoe_stream.synth import SPECIAL_TOKENS, train_bpe
-
-    import regex
 
     assert SPECIAL_TOKENS == SPECIALS
     rng = random.Random(0)

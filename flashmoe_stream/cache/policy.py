@@ -269,9 +269,9 @@ class Predictive:
     exponential moving average over the passes of its layer (weight ``alpha`` for the latest pass; a key never
     used starts at ``prior``), so it follows what the text is about now rather than over the whole run; and a
     key inserted but not used yet (a prefetch: the model predicted it for its layer's next turn) counts as
-    certain (``p = 1``) until its first use or the end of that turn, whichever comes first. History survives eviction. Within a layer the ranking of two keys
-    does not change between their uses (the decay is common to the layer), so each layer keeps a heap and
-    ``victim`` compares the layers' heads: O(N + log n).
+    certain (``p = 1``) until its first use or the end of that turn, whichever comes first. History survives
+    eviction. Within a layer the ranking of two keys does not change between their uses (the decay is common to the
+    layer), so each layer keeps a heap and ``victim`` compares the layers' heads: O(N + log n).
     """
 
     def __init__(self, n_layer: int | None = None, alpha: float = 0.3, prior: float = 0.1) -> None:

@@ -61,7 +61,7 @@ class TraceRecorder:
     def on_prefetch(self, layer: int, ids) -> None:
         self._events.append(("pred", int(layer), np.asarray(list(ids), dtype=np.int16)))
 
-    def wrap(self, source: Any) -> "_RecordingSource":
+    def wrap(self, source: Any) -> _RecordingSource:
         """An expert source that forwards to ``source`` and records its ``prefetch`` calls."""
         return _RecordingSource(source, self)
 
@@ -177,7 +177,7 @@ class Trace:
     pred_ids: np.ndarray
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Trace":
+    def load(cls, path: str | os.PathLike) -> Trace:
         path = Path(path)
         if not path.is_file():
             raise BadFileError(f"trace {path} not found: record one with `flashmoe run -m MODEL ... --trace {path}`")
