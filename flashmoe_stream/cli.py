@@ -81,23 +81,28 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+BUILTIN_MODEL = Path(__file__).parent / "data" / "tiny-moe-Q8_0.gguf"
+DEMO_PROMPT = "import os\nimport sys\n\n\ndef main():\n"
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
-    """Synthesise the tiny model, repack it, and generate from the store with a RAM budget of 30 % of
-    its expert bytes, so the cache has to evict and stream (the model's weights are random)."""
+    """Repack the built-in model (a small qwen3moe trained on Python sources and Debian docs, docs/MODEL.md)
+    and generate from the store with a RAM budget of 30 % of its expert bytes, so the cache has to evict and
+    stream."""
     from .io.repack import repack
 
+    if not BUILTIN_MODEL.is_file():
+        raise FlashMoeError(f"the built-in model is missing ({BUILTIN_MODEL}): reinstall flashmoe-stream")
     root = Path(a.dir)
-    model, store = root / "tiny-qwen3moe-Q8_0.gguf", root / "tiny-qwen3moe-Q8_0.store"
+    store = root / "tiny-moe-Q8_0.store"
     root.mkdir(parents=True, exist_ok=True)
-    if not model.exists():
-        cmd_synth(argparse.Namespace(output=model, arch="qwen3moe", preset="tiny", qtype="Q8_0", layers=None,
-                                     split_size=0, seed=0, json=False))
-    cmd_inspect(argparse.Namespace(model=model, json=False))
-    repack(model, store, progress=True)
-    print(f"\nrepacked into {store}; generating with --ram-cache 30% (random weights: expect gibberish)\n",
-          file=sys.stderr)
+    cmd_inspect(argparse.Namespace(model=BUILTIN_MODEL, json=False))
+    repack(BUILTIN_MODEL, store, progress=True)
+    print(f"\nrepacked into {store}; generating with --ram-cache 30% (greedy, repeat penalty 1.2)\n", file=sys.stderr)
+    sys.stdout.write(a.prompt)
     return cmd_run(build_parser().parse_args(
-        ["run", "-m", str(store), "-no-cnv", "-p", "What's AI?", "-n", "48", "--ram-cache", "30%", "--seed", "0"]))
+        ["run", "-m", str(store), "-no-cnv", "-p", a.prompt, "-n", str(a.n_predict), "--temp", "0",
+         "--repeat-penalty", "1.2", "--ram-cache", "30%"]))
 
 
 def _summary_line(eng) -> str:
@@ -118,39 +123,72 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     gen = dict(max_tokens=a.n_predict, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                repeat_penalty=a.repeat_penalty, seed=a.seed)
+    if a.no_conversation and a.prompt is None:
+        raise FlashMoeError("-no-cnv needs --prompt TEXT (or drop -no-cnv for a chat)")
     with Engine.open(a.model, device=a.device, vram_cache=a.vram_cache, ram_cache=a.ram_cache, policy=a.policy,
                      prefetch=not a.no_prefetch, n_ctx=a.ctx_size, threads=a.io_threads) as eng:
-        if a.no_conversation:
-            if a.prompt is None:
-                raise FlashMoeError("-no-cnv needs --prompt TEXT (or drop -no-cnv for a chat)")
-            _print_stream(eng.generate(a.prompt, **gen))
-            print(_summary_line(eng), file=sys.stderr)
-            return 0
-        from .engine import ChatTemplate, NoChatTemplateError
-
+        rec = _start_trace(eng, a) if a.trace else None
         try:
-            template = ChatTemplate.from_metadata(eng.metadata)
-        except NoChatTemplateError:
-            raise FlashMoeError("this model has no chat template: use -no-cnv --prompt TEXT for plain completion") \
-                from None
-        messages: list[dict] = []
-        first = a.prompt
-        while True:
-            if first is not None:
-                user, first = first, None
-                print(f"> {user}", file=sys.stderr)
-            else:
-                try:
-                    user = input("> ")
-                except EOFError:
-                    print(file=sys.stderr)
-                    return 0
-            if not user.strip():
-                continue
-            messages.append({"role": "user", "content": user})
-            reply = _print_stream(eng.generate(template.render(messages), **gen))
-            messages.append({"role": "assistant", "content": reply})
-            print(_summary_line(eng), file=sys.stderr)
+            return _run(eng, a, gen, rec)
+        finally:
+            if rec is not None and rec.has_data():
+                rec.save(a.trace)
+                print(f"routing trace: {a.trace}", file=sys.stderr)
+
+
+def _start_trace(eng, a: argparse.Namespace):
+    """A TraceRecorder on the engine's routes and prefetch predictions (see cache/trace.py)."""
+    from .cache.trace import TraceRecorder
+
+    store = eng.store
+    cfg = store.config
+    rec = TraceRecorder({"model": str(a.model), "arch": cfg.arch, "n_layer": cfg.n_layer, "n_expert": cfg.n_expert,
+                         "n_expert_used": cfg.n_expert_used, "prefetch": not a.no_prefetch,
+                         "expert_bytes": {str(layer): store.expert_nbytes(layer) for layer in store.layers}})
+    eng.model.experts = rec.wrap(eng.model.experts)  # records the next-layer predictions the model prefetches
+    return rec
+
+
+def _run(eng, a: argparse.Namespace, gen: dict, rec) -> int:
+    if rec is not None:
+        gen = dict(gen, on_route=rec.on_route)
+
+    def done() -> None:
+        if rec is not None:
+            # a chat turn that kept the last turn's keys and values routed only its new tokens
+            kept = eng.last.prompt_cached
+            rec.end_sequence(eng.last.tokens[kept:], eng.last.prompt_tokens - kept)
+        print(_summary_line(eng), file=sys.stderr)
+
+    if a.no_conversation:
+        _print_stream(eng.generate(a.prompt, **gen))
+        done()
+        return 0
+    from .engine import ChatTemplate, NoChatTemplateError
+
+    try:
+        template = ChatTemplate.from_metadata(eng.metadata)
+    except NoChatTemplateError:
+        raise FlashMoeError("this model has no chat template: use -no-cnv --prompt TEXT for plain completion") \
+            from None
+    messages: list[dict] = []
+    first = a.prompt
+    while True:
+        if first is not None:
+            user, first = first, None
+            print(f"> {user}", file=sys.stderr)
+        else:
+            try:
+                user = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        reply = _print_stream(eng.generate(template.render(messages), **gen))
+        messages.append({"role": "assistant", "content": reply})
+        done()
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -185,6 +223,50 @@ def _print_stream(pieces) -> str:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return "".join(out)
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from .cache.simulate import plot, simulate, trace_stats
+    from .cache.trace import Trace
+
+    trace = Trace.load(a.trace)
+    policies = [p.strip() for p in a.policy.split(",") if p.strip()]
+    caps = [c.strip() for c in a.capacity.split(",") if c.strip()]
+    lower = [c.strip() for c in a.tiers.split(",") if c.strip()] if a.tiers else []
+    if not policies or not caps:
+        raise FlashMoeError("--policy and --capacity need at least one value each (comma-separated)")
+    results = simulate(trace, policies, caps, lower, prefetch=a.prefetch, per_token=a.per_token, progress=not a.json)
+    stats = trace_stats(trace) if a.stats else None
+    if a.plot:
+        plot(results, a.plot)
+    if a.json:
+        out = {"trace": str(a.trace), "rows": trace.n_rows, "per_token": a.per_token, "prefetch": a.prefetch,
+               "lower_tiers": lower, "results": [r.as_dict() for r in results]}
+        if stats is not None:
+            out["stats"] = stats
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{trace.n_rows} tokens, {len(trace.layers)} MoE layers, {trace.meta.get('n_expert', '?')} experts per "
+          f"layer ({'each token alone' if a.per_token else 'as the runtime fetched them'})")
+    head = f"{'policy':<14}{'capacity':>9}{'experts':>8}{'hit rate':>9}{'× belady':>9}{'read':>12}"
+    if a.prefetch != "none":
+        head += f"{'precision':>10}{'recall':>8}"
+    print(head)
+    for r in results:
+        line = (f"{r.policy:<14}{r.capacity:>9}{r.capacity_experts:>8}{100 * r.hit_rate:>8.1f}%"
+                f"{r.ratio_to_belady:>9.3f}{format_size(r.bytes_read):>12}")
+        if a.prefetch != "none":
+            pr, rc = r.precision, r.recall
+            line += f"{'-' if pr is None else f'{100 * pr:.1f}%':>10}{'-' if rc is None else f'{100 * rc:.1f}%':>8}"
+        print(line)
+    if stats is not None:
+        print("\nper layer: share of accesses to the top 10% of experts | reuse within 1 / 4 / 16 tokens")
+        for row in stats["layers"]:
+            print(f"  layer {row['layer']:>3}: {100 * row['top10_share']:5.1f}% | {100 * row['reuse_le_1']:5.1f}% "
+                  f"{100 * row['reuse_le_4']:5.1f}% {100 * row['reuse_le_16']:5.1f}%")
+    if a.plot:
+        print(f"plot: {a.plot}")
+    return 0
 
 
 def cmd_repack(a: argparse.Namespace) -> int:
@@ -241,7 +323,8 @@ def _engine_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--vram-cache", metavar="SIZE", help="device-tier budget: 8G, 512M or 10%% of the expert bytes "
                                                          "(default: 80%% of free device memory)")
     s.add_argument("--ram-cache", metavar="SIZE", help="RAM-tier budget (default: half the available RAM)")
-    s.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware or module:Class")
+    s.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware, predictive or "
+                                                    "module:Class (docs/POLICIES.md)")
     s.add_argument("--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts")
     s.add_argument("--io-threads", type=int, default=8, help="threads reading experts (default 8)")
 
@@ -267,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (default 4096)")
     _sampling_arguments(s)
     _engine_arguments(s)
+    s.add_argument("--trace", metavar="FILE", type=Path,
+                   help="record the routed experts and router weights of every token, per layer, and the "
+                        "prefetch predictions, to FILE (.npz; replay it with flashmoe simulate)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server with parallel sequences",
@@ -325,11 +411,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("demo", parents=[common], help="synthesise, repack and stream the tiny demo model",
-                       description="Writes the tiny demo model, inspects it, repacks it into an expert store and "
-                                   "generates from the store with a RAM budget of 30%% of its experts.")
-    s.add_argument("--dir", default="demo", help="where the demo model lives (default: ./demo)")
+    s = sub.add_parser("demo", parents=[common], help="repack and stream the built-in model (a small trained MoE)",
+                       description="Inspects the built-in model (a 17 MB qwen3moe, 8 layers x 32 experts, trained on "
+                                   "Python sources and Debian docs), repacks it into an expert store and generates "
+                                   "from the store with a RAM budget of 30%% of its experts.")
+    s.add_argument("--dir", default="demo", help="where the demo's expert store goes (default: ./demo)")
+    s.add_argument("-p", "--prompt", default=DEMO_PROMPT, help="what to continue (default: the start of a Python script)")
+    s.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("simulate", parents=[common], help="replay a routing trace through the cache policies",
+                       description="Replay a trace recorded by `flashmoe run --trace` through the runtime's own tier "
+                                   "and policy classes at each capacity, beside Belady's MIN (the offline optimum): "
+                                   "hit rate, bytes read from disk, ratio to Belady; with --prefetch, a predictor's "
+                                   "precision and recall.")
+    s.add_argument("trace", type=Path, metavar="TRACE", help="a .npz trace from flashmoe run --trace")
+    s.add_argument("--policy", default="lru,lfu,lfru,layer-aware,predictive,belady",
+                   help="comma-separated: built-in names or module:Class (default: all the built-in ones)")
+    s.add_argument("--capacity", default="5%,10%,25%,50%",
+                   help="comma-separated sizes of the simulated tier: %% of all expert bytes, or bytes (8M, 1G)")
+    s.add_argument("--tiers", metavar="SIZE[,SIZE]",
+                   help="lower tiers behind the simulated one (e.g. the RAM tier behind VRAM: --tiers 50%%); "
+                        "bytes read counts what the last tier misses")
+    s.add_argument("--prefetch", default="none", choices=["none", "previous", "router"],
+                   help="replay a predictor as prefetch: previous (the layer's experts of the previous call) or "
+                        "router (the runtime's recorded next-layer gate look-ahead); default none")
+    s.add_argument("--per-token", action="store_true",
+                   help="replay every token as its own forward call (decode-like), not as the run fetched them")
+    s.add_argument("--stats", action="store_true", help="also print expert popularity skew and reuse distance per layer")
+    s.add_argument("--plot", metavar="OUT.png", help="hit rate vs capacity per policy (needs matplotlib)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_simulate)
 
     s = sub.add_parser("repack", parents=[common], help="turn a MoE GGUF into an expert store made for streaming",
                        description="Write experts/<layer>/<expert>.bin (4 KiB-aligned blocks), dense.gguf and "

@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -158,31 +159,49 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
-    """Byte-level BPE: returns (tokens, merges); tokens are the 256 bytes then one per merge."""
+def train_bpe(text: str, n_merges: int, split: Callable[[str], Iterable[str]] | None = None
+              ) -> tuple[list[str], list[str]]:
+    """Byte-level BPE: returns (tokens, merges); tokens are the 256 bytes then one per merge.
+
+    ``split`` cuts the text into words (default: a GPT-2 style regex); merges never cross words. Each step
+    merges the most frequent adjacent pair (ties: the larger pair); pair counts are kept up to date
+    incrementally, so only the words that contain the merged pair are revisited.
+    """
     alpha = byte_alphabet()
-    words = Counter(tuple(alpha[b] for b in w.encode()) for w in _PRETOKENIZE.findall(text))
+    words = Counter(tuple(alpha[b] for b in w.encode()) for w in (split or _PRETOKENIZE.findall)(text))
+    syms = [list(w) for w in words]
+    counts = list(words.values())
+    pairs: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, w in enumerate(syms):
+        for pair in zip(w, w[1:]):
+            pairs[pair] += counts[i]
+            where.setdefault(pair, set()).add(i)
     tokens, merges = list(alpha.values()), []
     for _ in range(n_merges):
-        pairs: Counter = Counter()
-        for w, n in words.items():
-            for pair in zip(w, w[1:]):
-                pairs[pair] += n
         if not pairs:
             break
         (a, b), _count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
         merges.append(f"{a} {b}")
         tokens.append(a + b)
-        merged: Counter = Counter()
-        for w, n in words.items():
-            merged[tuple(merge_pair(w, a, b))] += n
-        words = merged
+        for i in where.pop((a, b), ()):
+            w, n = syms[i], counts[i]
+            for pair in zip(w, w[1:]):
+                pairs[pair] -= n
+                if pairs[pair] <= 0:
+                    del pairs[pair]
+            w = syms[i] = merge_pair(w, a, b)
+            for pair in zip(w, w[1:]):
+                pairs[pair] += n
+                where.setdefault(pair, set()).add(i)
     return tokens, merges
 
 
-def _add_tokenizer(w: GGUFWriter, arch: str, n_vocab: int) -> None:
-    n_merges = max(0, min(n_vocab - 256 - len(SPECIAL_TOKENS), 256))
-    tokens, merges = train_bpe(_CORPUS, n_merges)
+def _add_tokenizer(w: GGUFWriter, arch: str, n_vocab: int, bpe: tuple[list[str], list[str]] | None = None) -> None:
+    """The tokenizer: ``bpe`` = (tokens, merges) from train_bpe, or one trained on the built-in paragraph."""
+    if bpe is None:
+        bpe = train_bpe(_CORPUS, max(0, min(n_vocab - 256 - len(SPECIAL_TOKENS), 256)))
+    tokens, merges = list(bpe[0]), list(bpe[1])
     types = [TokenType.NORMAL] * len(tokens)
     special_ids = {}
     for s in SPECIAL_TOKENS:
@@ -398,7 +417,8 @@ def synth(out: str | os.PathLike, arch: str = "qwen3moe", preset: str = "tiny", 
     return SynthResult(finals, total, seconds)
 
 
-def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, name: str) -> None:
+def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, name: str,
+                  bpe: tuple[list[str], list[str]] | None = None) -> None:
     w.add_name(name)
     w.add_file_type(ftype)
     w.add_quantization_version(2)
@@ -423,7 +443,7 @@ def _add_metadata(w: GGUFWriter, arch: str, p: Preset, ftype: LlamaFileType, nam
         w.add_vocab_size(p.n_vocab)
         w.add_rope_dimension_count(p.head_dim)
         w.add_feed_forward_length(p.n_ff_exp)
-    _add_tokenizer(w, arch, p.n_vocab)
+    _add_tokenizer(w, arch, p.n_vocab, bpe)
 
 
 def _add_deepseek2_metadata(w: GGUFWriter, p: Preset) -> None:
@@ -509,3 +529,46 @@ def _write_data(files: list[Path], starts: list[int], w: GGUFWriter, plan: dict[
             f.write(b"\0" * pad)
             f.write(data)
             bar.update(data.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained weights
+
+
+def write_model(out: str | os.PathLike, p: Preset, weights: Mapping[str, np.ndarray], arch: str = "qwen3moe",
+                qtype: str = "Q8_0", bpe: tuple[list[str], list[str]] | None = None, name: str | None = None,
+                context_length: int | None = None) -> Path:
+    """Write float ``weights`` (GGUF tensor names, torch-order shapes as synth makes them) quantised to ``qtype``.
+
+    The same tensor names, types, metadata and tokenizer layout as ``synth`` (``bpe`` = (tokens, merges) from
+    train_bpe); quantisation by gguf-py. The file appears under its name only once complete.
+    """
+    from gguf.quants import quantize
+
+    if arch not in ARCHS:
+        raise UnsupportedError(f"cannot write architecture {arch!r} (choose from {', '.join(ARCHS)})")
+    plan = _tensor_plan(arch, p, _type_plan(qtype))
+    missing = [t.name for t in plan if t.name not in weights]
+    if missing:
+        raise UnsupportedError(f"weights lack {len(missing)} tensors ({', '.join(missing[:3])}, ...)")
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        w = GGUFWriter(tmp, arch)
+        _add_metadata(w, arch, replace(p, n_ctx=context_length or p.n_ctx), _type_plan(qtype).ftype,
+                      name or f"{arch} {qtype}", bpe)
+        for t in plan:
+            arr = np.ascontiguousarray(weights[t.name], dtype=np.float32)
+            if arr.shape != t.shape:
+                raise UnsupportedError(f"{t.name}: shape {arr.shape}, expected {t.shape}")
+            w.add_tensor(t.name, arr if t.qtype == Q.F32 else quantize(arr, t.qtype), raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out

@@ -9,7 +9,8 @@ A key is ``(layer, expert)``. A tier tells its policy what happens to its keys:
                            of the resident keys that may go (neither pinned nor in use); never empty
 
 Every built-in policy is O(log n) per operation (a heap with lazy deletion or an ordered dict), plus
-the few pinned keys skipped in ``victim``; ``layer-aware`` adds a pass over the layers in ``victim``.
+the few pinned keys skipped in ``victim``; ``layer-aware`` and ``predictive`` add a pass over the layers in
+``victim``.
 
 ``make_policy("lru")`` makes a built-in, ``make_policy("mypkg.mod:MyPolicy", **kw)`` a user class.
 """
@@ -259,6 +260,107 @@ class LayerAware:
         return best
 
 
+class Predictive:
+    """Predictive: evict the key expected to be needed last, from a recency-weighted use probability per key.
+
+    Like ``layer-aware`` it counts in layers of the forward pass (layers run 0..N−1, one pass per token): an
+    expert of layer ``l`` is needed first in ``d = (l − cur − 1) mod N + 1`` layers after layer ``cur`` ran, and
+    one used in a pass with probability ``p`` is expected in ``d + N·(1/p − 1)`` layers. Here ``p`` is an
+    exponential moving average over the passes of its layer (weight ``alpha`` for the latest pass; a key never
+    used starts at ``prior``), so it follows what the text is about now rather than over the whole run; and a
+    key inserted but not used yet (a prefetch: the model predicted it for its layer's next turn) counts as
+    certain (``p = 1``) until its first use or the end of that turn, whichever comes first. History survives
+    eviction. Within a layer the ranking of two keys does not change between their uses (the decay is common to the
+    layer), so each layer keeps a heap and ``victim`` compares the layers' heads: O(N + log n).
+    """
+
+    def __init__(self, n_layer: int | None = None, alpha: float = 0.3, prior: float = 0.1) -> None:
+        if not 0.0 < alpha < 1.0 or not 0.0 < prior <= 1.0:
+            raise FlashMoeError(f"predictive policy: alpha must be in (0, 1) and prior in (0, 1], got {alpha}, {prior}")
+        self._n_layer = n_layer
+        self._lb = math.log1p(-alpha)  # log of the per-pass decay (< 0)
+        self._alpha, self._prior = alpha, prior
+        self._max_layer = -1
+        self._cur: int | None = None
+        self._passes: dict[int, int] = defaultdict(int)
+        self._hist: dict[Key, tuple[float, int]] = {}  # key -> (p just after its last use, pass of that use)
+        self._fresh: dict[int, dict[Key, int]] = defaultdict(dict)  # layer -> {inserted, unused key: pass then}
+        self._heaps: dict[int, _LazyHeap] = defaultdict(_LazyHeap)
+
+    def _rank(self, key: Key) -> float:
+        """log p(now) minus the layer's common decay: constant between uses of ``key``."""
+        if key in self._fresh[key[0]]:
+            return math.inf
+        p, t = self._hist.get(key, (self._prior, self._passes.get(key[0], 0)))
+        return math.log(p) - t * self._lb
+
+    def p(self, key: Key) -> float:
+        """The current estimate that ``key`` is used in a pass of its layer."""
+        if key in self._fresh[key[0]]:
+            return 1.0
+        p, t = self._hist.get(key, (self._prior, self._passes.get(key[0], 0)))
+        return p * math.exp((self._passes.get(key[0], 0) - t) * self._lb)
+
+    def on_access(self, key: Key) -> None:
+        layer = key[0]
+        self._max_layer = max(self._max_layer, layer)
+        if layer != self._cur:
+            if self._cur is not None:
+                self._expire(self._cur)
+            self._passes[layer] += 1
+            self._cur = layer
+        now = self._passes[layer]
+        p, t = self._hist.get(key, (self._prior, now - 1))
+        if t != now:  # once per pass
+            self._hist[key] = (p * math.exp((now - t) * self._lb) + self._alpha, now)
+        self._fresh[layer].pop(key, None)
+        if key in self._heaps[layer]:
+            self._heaps[layer].set(key, self._rank(key))
+
+    def _expire(self, layer: int) -> None:
+        """Layer ``layer``'s pass ended: keys inserted before it and not used in it were mispredicted."""
+        fresh = self._fresh.get(layer)
+        if not fresh:
+            return
+        now = self._passes[layer]
+        for key in [k for k, t in fresh.items() if t < now]:
+            del fresh[key]
+            if key in self._heaps[layer]:
+                self._heaps[layer].set(key, self._rank(key))
+
+    def on_insert(self, key: Key) -> None:
+        self._max_layer = max(self._max_layer, key[0])
+        self._fresh[key[0]][key] = self._passes.get(key[0], 0)
+        self._heaps[key[0]].set(key, self._rank(key))
+
+    def on_evict(self, key: Key) -> None:
+        self._fresh[key[0]].pop(key, None)
+        h = self._heaps.get(key[0])
+        if h is not None:
+            h.remove(key)
+
+    def expected_distance(self, key: Key) -> float:
+        """Expected layers until ``key`` is used again."""
+        n = self._n_layer or self._max_layer + 1
+        d = n if self._cur is None else (key[0] - self._cur - 1) % n + 1
+        return d + n * (1.0 / max(self.p(key), 1e-12) - 1.0)
+
+    def victim(self, candidates: Collection[Key]) -> Key:
+        best, best_d = None, -1.0
+        for heap in self._heaps.values():
+            if not len(heap):
+                continue
+            k = heap.first(candidates)
+            if k is None:
+                continue
+            d = self.expected_distance(k)
+            if d > best_d:
+                best, best_d = k, d
+        if best is None:
+            raise _none_left(candidates)
+        return best
+
+
 class Belady(_HeapPolicy):
     """Offline optimal (MIN): evict the key whose next use in the known ``future`` is farthest (never = ∞).
 
@@ -300,6 +402,7 @@ _BUILTIN: dict[str, Callable[..., Any]] = {
     "lfu": LFU,
     "lfru": LFRU,
     "layer-aware": LayerAware,
+    "predictive": Predictive,
     "belady": Belady,
 }
 POLICIES: tuple[str, ...] = tuple(_BUILTIN)

@@ -28,6 +28,7 @@ class GenerationStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     routes: list = field(default_factory=list, repr=False)
+    tokens: list = field(default_factory=list, repr=False)  # the ids the model ran: prompt, then generated
 
     @property
     def prompt_tok_s(self) -> float:
@@ -137,12 +138,14 @@ class Engine:
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stream: bool = True, record_routes: bool = False) -> Iterator[str] | str:
+                 stream: bool = True, record_routes: bool = False, on_route=None) -> Iterator[str] | str:
+        """``on_route(layer, ids [T, k], weights [T, k])`` is called for every MoE layer of every forward call."""
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
-        it = self._generate(prompt, max_tokens, params, record_routes)
+        it = self._generate(prompt, max_tokens, params, record_routes, on_route)
         return it if stream else "".join(it)
 
-    def _generate(self, prompt, max_tokens: int, params: SamplingParams, record_routes: bool) -> Iterator[str]:
+    def _generate(self, prompt, max_tokens: int, params: SamplingParams, record_routes: bool,
+                  user_on_route=None) -> Iterator[str]:
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise FlashMoeError("empty prompt: give at least one token")
@@ -150,6 +153,9 @@ class Engine:
             raise FlashMoeError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx} (raise -c)")
         stats = self.last = GenerationStats(prompt_tokens=len(ids))
         on_route = (lambda layer, r, w: stats.routes.append((layer, r.cpu(), w.cpu()))) if record_routes else None
+        if user_on_route is not None:
+            on_route = user_on_route if on_route is None else \
+                (lambda layer, r, w, a=on_route: (a(layer, r, w), user_on_route(layer, r, w)))
         sample = Sampler(params)
         need = min(self.n_ctx, len(ids) + max_tokens)
         kv, keep = self._kv, 0
@@ -167,7 +173,7 @@ class Engine:
         logits = self.model.forward(torch.tensor(ids[keep:]), kv, on_route)[-1]
         fed.extend(ids[keep:])
         stats.prompt_seconds = time.perf_counter() - t0
-        history = list(ids)
+        history = stats.tokens = list(ids)
         t0 = time.perf_counter()
         for _ in range(min(max_tokens, self.n_ctx - len(ids))):
             tok = sample(logits, history)

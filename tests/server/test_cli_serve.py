@@ -13,7 +13,6 @@ from flashmoe_stream.errors import FlashMoeError
 from flashmoe_stream.server import bench_serve
 from flashmoe_stream.server.bench import _check_loopback
 
-from .conftest import client
 
 
 def flashmoe(*args, **kw):

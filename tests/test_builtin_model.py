@@ -1,0 +1,53 @@
+"""The built-in model (flashmoe_stream/data, docs/MODEL.md): what it is, and our greedy output equals llama.cpp's."""
+
+import pytest
+
+import flashmoe_stream as fms
+from flashmoe_stream.cli import BUILTIN_MODEL
+from flashmoe_stream.gguf_file import open_gguf
+
+PROMPTS = ["import os\nimport sys\n\n\ndef main():\n", "This program is free software",
+           "<|im_start|>user\nWhat does `os.path.join` do?<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_builtin_model_is_a_small_trained_qwen3moe():
+    m = open_gguf(BUILTIN_MODEL)
+    c = m.config
+    assert (c.arch, c.n_layer, c.n_expert, c.n_expert_used) == ("qwen3moe", 8, 32, 4)
+    assert BUILTIN_MODEL.stat().st_size < 20 << 20
+    assert m.tensors["blk.0.ffn_gate_exps.weight"].qtype.name == "Q8_0"
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_builtin_model_greedy_equals_llama_cpp(llama_cpp, prompt):
+    llm = llama_cpp.Llama(model_path=str(BUILTIN_MODEL), n_ctx=128, n_threads=2, verbose=False, seed=0)
+    ptoks = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    theirs = []
+    for tok in llm.generate(ptoks, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if len(theirs) == 32 or tok == llm.token_eos():
+            break
+        theirs.append(tok)
+    with fms.Engine.open(BUILTIN_MODEL, ram_cache="30%") as eng:
+        assert eng.tokenize(prompt) == ptoks
+        text = eng.generate(prompt, max_tokens=32, temperature=0.0, stream=False)
+        ours = eng.last.tokens[len(ptoks):]
+    assert ours == theirs
+    assert text == llm.detokenize(theirs).decode("utf-8", errors="replace")
+    assert len(set(theirs)) > 3  # not one token repeated
+
+
+def test_demo_streams_the_builtin_model_through_a_small_cache(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "flashmoe_stream", "demo", "--dir", str(tmp_path), "-n", "24"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("architecture             qwen3moe")  # inspect's table first
+    prompt = "import os\nimport sys\n\n\ndef main():\n"
+    assert prompt in r.stdout
+    generated = r.stdout.split(prompt, 1)[1]
+    assert len(set(generated.split())) >= 5  # words, not one token repeated
+    assert "decode 24 tok" in r.stderr and "read " in r.stderr
+    assert (tmp_path / "tiny-moe-Q8_0.store" / "manifest.json").is_file()
