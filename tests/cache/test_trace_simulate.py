@@ -182,3 +182,23 @@ def test_simulator_reproduces_the_runtime_cache_exactly(make_model, tmp_path, po
     r = simulate_one(Trace.load(rec.save(tmp_path / "t.npz")), policy, "40%")
     assert s["device_misses"] > 0 and s["device_hits"] > 0
     assert (r.hits, r.accesses - r.hits) == (s["device_hits"], s["device_misses"])
+
+
+def test_cli_chat_trace_has_a_row_per_computed_token(make_model, tmp_path):
+    """A chat's second turn keeps the first turn's keys and values, so only its new tokens are routed; the
+    trace's second sequence holds exactly those rows, with their token ids."""
+    trace = tmp_path / "chat.npz"
+    r = subprocess.run([sys.executable, "-m", "flashmoe_stream", "run", "-m", str(make_model("qwen3moe", "Q8_0")),
+                        "-n", "4", "--temp", "0", "--trace", str(trace)],
+                       input="hello there\nand again\n", capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "kept from the last turn" in r.stderr
+    import re
+
+    turns = re.findall(r"prompt (\d+) tok(?: \((\d+) kept from the last turn\))? at .*? decode (\d+) tok", r.stderr)
+    (n1, k1, d1), (n2, k2, d2) = [(int(n), int(k or 0), int(d)) for n, k, d in turns]
+    assert k1 == 0 and k2 > 0
+    t = Trace.load(trace)
+    assert set(t.seq.tolist()) == {0, 1}
+    assert (t.seq == 0).sum() == n1 + d1 and (t.seq == 1).sum() == n2 - k2 + d2  # one row per token run
+    assert (t.tokens >= 0).all()
