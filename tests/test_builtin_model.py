@@ -51,3 +51,57 @@ def test_demo_streams_the_builtin_model_through_a_small_cache(tmp_path):
     assert len(set(generated.split())) >= 5  # words, not one token repeated
     assert "decode 24 tok" in r.stderr and "read " in r.stderr
     assert (tmp_path / "tiny-moe-Q8_0.store" / "manifest.json").is_file()
+
+
+def _agreement(llama_cpp, path, prompt):
+    """(our logits, llama.cpp's) for every position of ``prompt`` on the model at ``path``."""
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False)
+    toks = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    llm.eval(toks)
+    ref = np.asarray(llm.scores[: len(toks)])
+    with fms.Engine.open(path, ram_cache="10%") as eng:
+        ours = eng.logits(toks).numpy()
+    return ours, ref
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_builtin_model_logits_agree_with_llama_cpp_at_every_position(llama_cpp, prompt):
+    """Issue 4's bar on a model with real routing, at Q8_0 and a 10 % cache: the same argmax at every
+    position and no logit further than 2 % of llama.cpp's logit range."""
+    ours, ref = _agreement(llama_cpp, BUILTIN_MODEL, prompt)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
+
+
+@pytest.fixture(scope="module")
+def builtin_q4_k_m(llama_cpp, tmp_path_factory):
+    """The built-in model requantised to Q4_K_M by llama.cpp's own quantiser."""
+    import ctypes
+
+    out = tmp_path_factory.mktemp("q4km") / "tiny-moe-Q4_K_M.gguf"
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread, p.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2, True
+    assert llama_cpp.llama_model_quantize(str(BUILTIN_MODEL).encode(), str(out).encode(), ctypes.byref(p)) == 0
+    assert {t.qtype.name for t in open_gguf(out).tensors.values()} >= {"Q4_K", "Q6_K"}
+    return out
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_builtin_model_at_llama_cpp_q4_k_m_agrees_but_at_exact_ties(llama_cpp, builtin_q4_k_m, prompt):
+    """At llama.cpp's Q4_K_M every logit is within 2 % of the range. The argmax is llama.cpp's wherever
+    llama.cpp's own top two logits are further apart than our difference there. Where they are not (a
+    tie to 1e-4 of the range was seen), no implementation that is not bit-identical can promise the
+    same choice."""
+    import numpy as np
+
+    ours, ref = _agreement(llama_cpp, builtin_q4_k_m, prompt)
+    assert abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
+    top2 = np.sort(ref, -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    decided = margin > 2 * abs(ours - ref).max(-1)
+    assert decided.mean() >= 0.8  # the exception is rare: the test is not vacuous
+    assert (ours.argmax(-1) == ref.argmax(-1))[decided].all()
