@@ -192,6 +192,23 @@ class LFRU(_HeapPolicy):
         self._heap.set(key, (self._log_score_rank(key), self._now))
 
 
+def _farthest(heaps, candidates: Collection[Key], distance) -> Key:
+    """Of each per-layer heap's first candidate, the one whose expected next use is farthest away."""
+    best, best_d = None, -1.0
+    for heap in heaps:
+        if not len(heap):
+            continue
+        k = heap.first(candidates)
+        if k is None:
+            continue
+        d = distance(k)
+        if d > best_d:
+            best, best_d = k, d
+    if best is None:
+        raise _none_left(candidates)
+    return best
+
+
 class LayerAware:
     """Predictive: evict the key whose next use is expected farthest away, in layers of the forward pass.
 
@@ -245,19 +262,7 @@ class LayerAware:
         return d + n * (1.0 / p - 1.0)
 
     def victim(self, candidates: Collection[Key]) -> Key:
-        best, best_d = None, -1.0
-        for heap in self._heaps.values():
-            if not len(heap):
-                continue
-            k = heap.first(candidates)
-            if k is None:
-                continue
-            d = self.expected_distance(k)
-            if d > best_d:
-                best, best_d = k, d
-        if best is None:
-            raise _none_left(candidates)
-        return best
+        return _farthest(self._heaps.values(), candidates, self.expected_distance)
 
 
 class Predictive:
@@ -346,19 +351,7 @@ class Predictive:
         return d + n * (1.0 / max(self.p(key), 1e-12) - 1.0)
 
     def victim(self, candidates: Collection[Key]) -> Key:
-        best, best_d = None, -1.0
-        for heap in self._heaps.values():
-            if not len(heap):
-                continue
-            k = heap.first(candidates)
-            if k is None:
-                continue
-            d = self.expected_distance(k)
-            if d > best_d:
-                best, best_d = k, d
-        if best is None:
-            raise _none_left(candidates)
-        return best
+        return _farthest(self._heaps.values(), candidates, self.expected_distance)
 
 
 class Belady(_HeapPolicy):
