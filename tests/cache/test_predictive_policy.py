@@ -63,19 +63,3 @@ def test_a_prefetched_key_is_kept_until_used():
     assert p.p((1, 7)) < 1.0
     # (1, 7) after one use vs (0, 1) used every pass: at layer 1 now, (0, 1) is needed next
     assert p.victim({(0, 1), (1, 7)}) == (1, 7)
-
-
-def test_scales():
-    p = make_policy("predictive")
-    resident = set()
-    for i in range(12000):
-        k = (i % 40, (i * 7919) % 128)
-        if k not in resident:
-            if len(resident) >= 300:
-                v = p.victim(resident)
-                resident.remove(v)
-                p.on_evict(v)
-            resident.add(k)
-            p.on_insert(k)
-        p.on_access(k)
-    assert len(resident) == 300
