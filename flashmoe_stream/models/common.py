@@ -139,7 +139,7 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     kv.k[layer, start: start + T] = k
     kv.v[layer, start: start + T] = v
     keys, values = kv.k[layer, : start + T], kv.v[layer, : start + T]
-    mask = _causal_mask(T, start, x.device) if (T > 1 or w.f16_kv) else None
+    mask = _causal_mask(T, start, x.device) if (T > 1 or w.f16_kv) else None  # one new token sees all
     if w.f16_kv:  # as llama.cpp's CPU attention: fp16 K, V and Q, softmax in f32 rounded to fp16 for V
         r = lambda t: t.half().float()  # noqa: E731
         rep = n_head // n_head_kv
@@ -150,7 +150,7 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     else:  # [H, T, D] @ [H, D, S]: causal over the cached prefix and the new tokens
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            attn_mask=None if T == 1 else mask, enable_gqa=n_head != n_head_kv).transpose(0, 1)
+            attn_mask=mask, enable_gqa=n_head != n_head_kv).transpose(0, 1)
     return mm(out.reshape(T, n_head * head_dim), w.o, w.acts[3]).float()
 
 
@@ -209,22 +209,18 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     hd_pad = torch.cat([hd, hd.new_zeros(1, hd.shape[1])])
     w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
     cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
-    per_expert = None
+    budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
+    fits = None  # experts whose dequantised weights fit the budget at once: known after the first get
     start = 0
     while start < len(needed):
-        if per_expert is None:
-            size = len(needed)
-        else:
-            budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
-            size = max(1, budget // per_expert)
-        size = min(size, cap, len(needed) - start)
+        size = min(fits or len(needed), cap, len(needed) - start)
         group = needed[start: start + size].tolist()
         got = experts.get(layer, group)
-        if per_expert is None:
+        if fits is None:
             per_expert = sum(math.prod(b.shape) for b in got[0].blocks.values()) * torch.finfo(dtype).bits // 8
-            budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
-            if size * per_expert > budget and size > 1:  # too many at once: take fewer, from the same pins
-                size = max(1, budget // per_expert)
+            fits = max(1, budget // per_expert)
+            if size > fits:  # too many at once: take fewer, from the same pins
+                size = fits
                 group, got = group[:size], got[:size]
         # flat (token, slot) positions of each expert's rows, padded with T * k (a zero row, weight 0)
         c = counts[start: start + size]
