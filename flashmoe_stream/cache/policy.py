@@ -192,24 +192,50 @@ class LFRU(_HeapPolicy):
         self._heap.set(key, (self._log_score_rank(key), self._now))
 
 
-def _farthest(heaps, candidates: Collection[Key], distance) -> Key:
-    """Of each per-layer heap's first candidate, the one whose expected next use is farthest away."""
-    best, best_d = None, -1.0
-    for heap in heaps:
-        if not len(heap):
-            continue
-        k = heap.first(candidates)
-        if k is None:
-            continue
-        d = distance(k)
-        if d > best_d:
-            best, best_d = k, d
-    if best is None:
-        raise _none_left(candidates)
-    return best
+class _LayerDistance:
+    """What ``layer-aware`` and ``predictive`` share: layers run 0..N−1, one pass per token, and after layer
+    ``cur`` ran, an expert of layer ``l`` is needed first in ``d = (l − cur − 1) mod N + 1`` layers; one used
+    in a pass with probability ``p(key)`` is expected in ``d + N·(1/p − 1)`` layers. A heap per layer (keys
+    ranked so that each layer's head is its farthest); ``victim`` compares the layers' heads."""
+
+    def __init__(self, n_layer: int | None) -> None:
+        self._n_layer = n_layer
+        self._max_layer = -1
+        self._cur: int | None = None
+        self._passes: dict[int, int] = defaultdict(int)
+        self._heaps: dict[int, _LazyHeap] = defaultdict(_LazyHeap)
+
+    def p(self, key: Key) -> float:
+        raise NotImplementedError
+
+    def on_evict(self, key: Key) -> None:
+        h = self._heaps.get(key[0])
+        if h is not None:
+            h.remove(key)
+
+    def expected_distance(self, key: Key) -> float:
+        """Expected layers until ``key`` is used again."""
+        n = self._n_layer or self._max_layer + 1
+        d = n if self._cur is None else (key[0] - self._cur - 1) % n + 1
+        return d + n * (1.0 / max(self.p(key), 1e-12) - 1.0)
+
+    def victim(self, candidates: Collection[Key]) -> Key:
+        best, best_d = None, -1.0
+        for heap in self._heaps.values():
+            if not len(heap):
+                continue
+            k = heap.first(candidates)
+            if k is None:
+                continue
+            d = self.expected_distance(k)
+            if d > best_d:
+                best, best_d = k, d
+        if best is None:
+            raise _none_left(candidates)
+        return best
 
 
-class LayerAware:
+class LayerAware(_LayerDistance):
     """Predictive: evict the key whose next use is expected farthest away, in layers of the forward pass.
 
     Layers run in order 0..N−1, one pass per token. After layer ``cur`` ran, an expert of layer ``l`` can be
@@ -221,12 +247,8 @@ class LayerAware:
     """
 
     def __init__(self, n_layer: int | None = None) -> None:
-        self._n_layer = n_layer
-        self._max_layer = -1
-        self._cur: int | None = None
-        self._passes: dict[int, int] = defaultdict(int)
+        super().__init__(n_layer)
         self._count: dict[Key, int] = defaultdict(int)
-        self._heaps: dict[int, _LazyHeap] = defaultdict(_LazyHeap)
         self._clock = 0
 
     def _see(self, key: Key) -> None:
@@ -248,24 +270,11 @@ class LayerAware:
         self._clock += 1
         self._heaps[key[0]].set(key, (self._count.get(key, 0), self._clock))
 
-    def on_evict(self, key: Key) -> None:
-        h = self._heaps.get(key[0])
-        if h is not None:
-            h.remove(key)
-
-    def expected_distance(self, key: Key) -> float:
-        """Expected layers until ``key`` is used again."""
-        n = self._n_layer or self._max_layer + 1
-        layer = key[0]
-        d = n if self._cur is None else (layer - self._cur - 1) % n + 1
-        p = min(1.0, (self._count.get(key, 0) + 0.5) / (self._passes.get(layer, 0) + 1))
-        return d + n * (1.0 / p - 1.0)
-
-    def victim(self, candidates: Collection[Key]) -> Key:
-        return _farthest(self._heaps.values(), candidates, self.expected_distance)
+    def p(self, key: Key) -> float:
+        return min(1.0, (self._count.get(key, 0) + 0.5) / (self._passes.get(key[0], 0) + 1))
 
 
-class Predictive:
+class Predictive(_LayerDistance):
     """Predictive: evict the key expected to be needed last, from a recency-weighted use probability per key.
 
     Like ``layer-aware`` it counts in layers of the forward pass (layers run 0..N−1, one pass per token): an
@@ -282,15 +291,11 @@ class Predictive:
     def __init__(self, n_layer: int | None = None, alpha: float = 0.3, prior: float = 0.1) -> None:
         if not 0.0 < alpha < 1.0 or not 0.0 < prior <= 1.0:
             raise FlashMoeError(f"predictive policy: alpha must be in (0, 1) and prior in (0, 1], got {alpha}, {prior}")
-        self._n_layer = n_layer
+        super().__init__(n_layer)
         self._lb = math.log1p(-alpha)  # log of the per-pass decay (< 0)
         self._alpha, self._prior = alpha, prior
-        self._max_layer = -1
-        self._cur: int | None = None
-        self._passes: dict[int, int] = defaultdict(int)
         self._hist: dict[Key, tuple[float, int]] = {}  # key -> (p just after its last use, pass of that use)
         self._fresh: dict[int, dict[Key, int]] = defaultdict(dict)  # layer -> {inserted, unused key: pass then}
-        self._heaps: dict[int, _LazyHeap] = defaultdict(_LazyHeap)
 
     def _rank(self, key: Key) -> float:
         """log p(now) minus the layer's common decay: constant between uses of ``key``."""
@@ -340,18 +345,7 @@ class Predictive:
 
     def on_evict(self, key: Key) -> None:
         self._fresh[key[0]].pop(key, None)
-        h = self._heaps.get(key[0])
-        if h is not None:
-            h.remove(key)
-
-    def expected_distance(self, key: Key) -> float:
-        """Expected layers until ``key`` is used again."""
-        n = self._n_layer or self._max_layer + 1
-        d = n if self._cur is None else (key[0] - self._cur - 1) % n + 1
-        return d + n * (1.0 / max(self.p(key), 1e-12) - 1.0)
-
-    def victim(self, candidates: Collection[Key]) -> Key:
-        return _farthest(self._heaps.values(), candidates, self.expected_distance)
+        super().on_evict(key)
 
 
 class Belady(_HeapPolicy):
