@@ -6,6 +6,8 @@ import flashmoe_stream as fms
 from flashmoe_stream.cli import BUILTIN_MODEL
 from flashmoe_stream.gguf_file import open_gguf
 
+from .reference import assert_agrees_but_at_ties
+
 PROMPTS = ["import os\nimport sys\n\n\ndef main():\n", "This program is free software",
            "<|im_start|>user\nWhat does `os.path.join` do?<|im_end|>\n<|im_start|>assistant\n"]
 
@@ -96,12 +98,5 @@ def test_builtin_model_at_llama_cpp_q4_k_m_agrees_but_at_exact_ties(llama_cpp, b
     llama.cpp's own top two logits are further apart than our difference there. Where they are not (a
     tie to 1e-4 of the range was seen), no implementation that is not bit-identical can promise the
     same choice."""
-    import numpy as np
-
     ours, ref = _agreement(llama_cpp, builtin_q4_k_m, prompt)
-    assert abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
-    top2 = np.sort(ref, -1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    decided = margin > 2 * abs(ours - ref).max(-1)
-    assert decided.mean() >= 0.8  # the exception is rare: the test is not vacuous
-    assert (ours.argmax(-1) == ref.argmax(-1))[decided].all()
+    assert_agrees_but_at_ties(ours, ref)
