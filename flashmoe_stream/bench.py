@@ -2,7 +2,8 @@
 
 Decode is teacher-forced with varied random tokens (greedy decoding of a random-weight model soon
 repeats one token and one expert set, which would make any cache look perfect); the routing's
-variety is reported. The I/O bound is the disk's raw sequential O_DIRECT bandwidth (measured on the
+variety is reported. Two single-token steps after the prompt run untimed first (the GPU kernels compile
+and, where every expert fits on the GPU, the CUDA graph is captured there). The I/O bound is the disk's raw sequential O_DIRECT bandwidth (measured on the
 same files just before and again just after decode; the mean) divided by the bytes read from disk per
 decoded token.
 """
@@ -16,18 +17,21 @@ import time
 import numpy as np
 
 
+WARMUP = 2  # single-token steps after the prompt, before decode is timed
+
+
 def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, policy: str = "lfru",
               prefetch: bool = True, tokens: int = 64, prompt_tokens: int = 16, seed: int = 0,
               seq_seconds: float = 3.0, warm: bool = False, threads: int = 8,
-              prefetch_ahead: int = 1) -> dict:
+              prefetch_ahead: int = 1, graphs: bool = True) -> dict:
     import torch
 
     from .engine import Engine
     from .io.bench import _drop_cache, raw_sequential
 
     with Engine.open(model, device=device, vram_cache=vram_cache, ram_cache=ram_cache, policy=policy,
-                     prefetch=prefetch, n_ctx=prompt_tokens + tokens + 1, threads=threads,
-                     prefetch_ahead=prefetch_ahead) as eng:
+                     prefetch=prefetch, n_ctx=prompt_tokens + WARMUP + tokens + 1, threads=threads,
+                     prefetch_ahead=prefetch_ahead, graphs=graphs) as eng:
         files = sorted({r.path for layer in eng.store.layers for r in eng.store.layout(layer, 0).ranges})
         biggest = max(files, key=lambda p: p.stat().st_size)
         seq = raw_sequential(biggest, seq_seconds)
@@ -35,11 +39,11 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         active = _active_bytes_per_token(eng)
         _drop_cache(files)
         rng = np.random.default_rng(seed)
-        ids = rng.integers(0, min(eng.config.n_vocab, 32000), prompt_tokens + tokens).tolist()
+        ids = rng.integers(0, min(eng.config.n_vocab, 32000), prompt_tokens + WARMUP + tokens).tolist()
         if warm:  # one untimed pass over the same tokens first: what fits the cache is then resident
-            eng.model.forward(torch.tensor(ids), eng.model.new_kv_cache(prompt_tokens + tokens))
+            eng.model.forward(torch.tensor(ids), eng.model.new_kv_cache(len(ids)))
             eng.cache.wait_idle()
-        kv = eng.model.new_kv_cache(prompt_tokens + tokens)
+        kv = eng.model.new_kv_cache(len(ids))
         routes: dict[int, set] = {}
 
         def on_route(layer, r, _w):
@@ -48,9 +52,11 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         t0 = time.perf_counter()
         eng.model.forward(torch.tensor(ids[:prompt_tokens]), kv, on_route)
         prefill_s = time.perf_counter() - t0
+        for tok in ids[prompt_tokens: prompt_tokens + WARMUP]:  # untimed: kernels compile, a CUDA graph is captured
+            eng.model.forward(torch.tensor([tok]), kv, on_route)
         before = eng.cache.stats()["total"]
         t0 = time.perf_counter()
-        for tok in ids[prompt_tokens:]:
+        for tok in ids[prompt_tokens + WARMUP:]:
             eng.model.forward(torch.tensor([tok]), kv, on_route)
         if eng.device.type == "cuda":
             torch.cuda.synchronize(eng.device)
@@ -71,7 +77,7 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
 
     return {
         "model": str(model), "device": device, "policy": policy, "prefetch": prefetch, "warm": warm,
-        "io_threads": threads, "prefetch_ahead": prefetch_ahead,
+        "io_threads": threads, "prefetch_ahead": prefetch_ahead, "graphs": graphs,
         "budgets": {"vram_cache": vram_cache, "ram_cache": ram_cache},
         "prefill": {"tokens": prompt_tokens, "seconds": round(prefill_s, 3)},
         "decode": {"tokens": tokens, "seconds": round(decode_s, 3), "tok_per_s": round(tok_s, 3)},
@@ -143,13 +149,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after each attention, predict and prefetch the next N layers' experts (default 1)")
     p.add_argument("--warm", action="store_true",
                    help="run the same tokens once, untimed, first (measures decode with a filled cache)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="decode eagerly even when every expert fits on the GPU (no CUDA graph)")
     p.add_argument("--json", action="store_true")
 
 
 def run(a: argparse.Namespace) -> int:
     r = bench_run(a.model, a.device, a.vram_cache, a.ram_cache, a.policy, not a.no_prefetch, a.tokens,
                   a.prompt_tokens, warm=a.warm,
-                  threads=a.io_threads, prefetch_ahead=a.prefetch_ahead)
+                  threads=a.io_threads, prefetch_ahead=a.prefetch_ahead, graphs=not a.no_graphs)
     if a.json:
         print(json.dumps(r, indent=2))
     else:

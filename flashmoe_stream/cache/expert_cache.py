@@ -283,6 +283,17 @@ class ExpertCache:
         """How many experts of ``layer`` one get() may ask for (what the device tier holds at once)."""
         return max(1, int(self._dev.budget) // self._dev_nbytes[layer])
 
+    def count_hits(self, layer: int, n: int) -> None:
+        """Count ``n`` device hits of ``layer`` served without a get() (experts the caller holds, on the device)."""
+        with self._lock:
+            st = self._stats[layer]
+            st["requests"] += n
+            st["device_hits"] += n
+
+    def qtypes(self, layer: int) -> set:
+        """The ggml types of ``layer``'s expert blocks (every expert of a layer has the same)."""
+        return {b.qtype for b in self.store.layout(layer, 0).blocks}
+
     def release(self) -> None:
         """Unpin what get() returned (its entries may be evicted from now on)."""
         with self._lock:

@@ -76,13 +76,15 @@ class Engine:
     @classmethod
     def open(cls, path: str | os.PathLike, device: str = "cpu", vram_cache=None, ram_cache=None,
              policy: str = "lfru", prefetch: bool = True, n_ctx: int = 4096, dtype: torch.dtype | None = None,
-             threads: int = 8, llama_numerics: bool | None = None, prefetch_ahead: int = 1) -> "Engine":
+             threads: int = 8, llama_numerics: bool | None = None, prefetch_ahead: int = 1,
+             graphs: bool = True) -> "Engine":
         """Open a GGUF (any shard) or an expert store. Budgets: bytes, "8G"/"512M", or "10%" of the
         model's expert bytes; by default the device tier takes 80 % of free device memory left after
         the dense weights and the host tier half of the available RAM. ``llama_numerics`` rounds the
         activations before each quantised matmul as llama.cpp's CPU kernels do (logits then agree with
         llama.cpp's to float rounding); by default on for the CPU, off on GPUs, where it costs time and
-        llama.cpp's own GPU kernels round differently anyway."""
+        llama.cpp's own GPU kernels round differently anyway. ``graphs``: when the device tier holds every
+        expert of a CUDA model, load them all at open and decode single tokens from a CUDA graph."""
         from ..cache import ExpertCache
         from ..gguf_file import open_gguf
         from ..io import ExpertStore
@@ -114,6 +116,9 @@ class Engine:
             types = {name: t.qtype for name, t in dense.tensors.items()} if llama_numerics else None
             model = build_model(cfg, weights, cache, prefetch=prefetch, weight_types=types)
             model.prefetch_ahead = max(1, int(prefetch_ahead))
+            if graphs and dev.type == "cuda" and hasattr(model, "use_resident_experts") and not llama_numerics \
+                    and vram >= expert_bytes:
+                _make_resident(model, cache, cfg)
             tok = Tokenizer.from_metadata(dense.metadata)
         except BaseException:
             cache.close()
@@ -220,10 +225,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every non-expert tensor, dequantised once onto the device (norms and routers in float32)."""
+def _make_resident(model, cache, cfg) -> None:
+    """Load every expert onto the device now, and let the model decode from a CUDA graph over them."""
+    from tqdm import tqdm
+
+    experts = {}
+    for layer in tqdm(range(cfg.n_layer), desc="experts to the GPU", unit="layer", leave=False,
+                      disable=None):
+        experts[layer] = cache.get(layer, range(cfg.n_expert))
+    cache.release()
+    model.use_resident_experts(experts)
+
+
+def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict:
+    """Every non-expert tensor onto the device: the matrices in their GGML blocks (QTensor) where a
+    fused kernel multiplies them there, else dequantised once (norms and routers in float32)."""
     from ..model_info import expert_tensor_layer
-    from ..quant import dequantize
+    from ..quant import QTensor, dequantize, fused_supported
 
     out = {}
     for name, t in model.tensors.items():
@@ -231,5 +249,8 @@ def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict[str, torch
             continue
         raw = torch.from_numpy(model.tensor_bytes(name).copy()).to(dev)
         keep_f32 = len(t.shape) == 1 or name.endswith("ffn_gate_inp.weight")
-        out[name] = dequantize(raw, t.qtype, t.shape, torch.float32 if keep_f32 else dtype)
+        if not keep_f32 and len(t.shape) == 2 and fused_supported(t.qtype, dev):
+            out[name] = QTensor(raw, t.qtype, t.shape, dtype)
+        else:
+            out[name] = dequantize(raw, t.qtype, t.shape, torch.float32 if keep_f32 else dtype)
     return out

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..quant import dequantize
+from ..quant import QTensor, dequantize, fused_gemv_pairs, fused_supported
 
 
 # --- llama.cpp's numerics ------------------------------------------------------------------------
@@ -59,11 +59,24 @@ def act_for(qtype) -> "Callable[[torch.Tensor], torch.Tensor] | None":
     return None
 
 
-def mm(x: torch.Tensor, w: torch.Tensor, act) -> torch.Tensor:
-    """x @ w.T with the activations first rounded as llama.cpp would (``act`` None: exact)."""
+def mm(x: torch.Tensor, w: torch.Tensor | QTensor, act) -> torch.Tensor:
+    """x @ w.T with the activations first rounded as llama.cpp would (``act`` None: exact). ``w`` may be
+    a QTensor (kept in its GGML blocks): the result is then in its ``dtype``."""
     if act is not None:
         x = act(x).to(w.dtype)
+    if isinstance(w, QTensor):
+        return w.matmul(x)
     return x @ w.T
+
+
+def plain(w: torch.Tensor | QTensor) -> torch.Tensor:
+    """A weight as a float tensor (a QTensor dequantised), for the uses that are not a matmul."""
+    return w.dequantize() if isinstance(w, QTensor) else w
+
+
+def lookup(w: torch.Tensor | QTensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of an embedding table (only those rows are dequantised)."""
+    return w.rows(ids) if isinstance(w, QTensor) else w[ids]
 
 
 class ExpertSource(Protocol):
@@ -84,10 +97,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float, neox: bool) -> torch.Tensor:
     """x: [T, H, D] at positions pos [T]. NEOX rotates (i, i + D/2) pairs, normal RoPE (2i, 2i + 1)."""
-    D = x.shape[-1]
-    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)
+    cos, sin = rope_angles(pos, x.shape[-1], theta)
+    return rotate(x, cos, sin, neox)
+
+
+def rope_angles(pos: torch.Tensor, D: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles at positions pos [T]: [T, 1, D/2] float32 each (computed in float64)."""
+    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=pos.device) / D)
     ang = pos.to(torch.float64)[:, None] * inv[None, :]
-    cos, sin = ang.cos().float()[:, None, :], ang.sin().float()[:, None, :]
+    return ang.cos().float()[:, None, :], ang.sin().float()[:, None, :]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """RoPE's rotation of x [T, H, D] by the angles of rope_angles."""
+    D = x.shape[-1]
     xf = x.float()
     if neox:
         a, b = xf[..., : D // 2], xf[..., D // 2:]
@@ -205,6 +228,9 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     flat = ids.reshape(-1).cpu().numpy()  # the one host sync: the cache needs the ids
     order = np.argsort(flat, kind="stable")
     needed, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+    if T * k <= FUSED_PAIRS and fused_supported_for(experts, layer, dev) and \
+            len(needed) <= (experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)):
+        return _fused_experts(hd, weights, flat, needed, experts.get(layer, needed.tolist()), llama_numerics)
     out = torch.zeros(T + 1, hd.shape[1], dtype=torch.float32, device=dev)  # row T: where padding lands
     hd_pad = torch.cat([hd, hd.new_zeros(1, hd.shape[1])])
     w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
@@ -237,6 +263,49 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
         if start < len(needed) and hasattr(experts, "release"):
             experts.release()  # the next group's get may need the room
     return out[:T]
+
+
+FUSED_PAIRS = 64  # (row, expert) pairs up to which a GPU runs the fused kernels (a decode step, a few slots)
+
+
+def fused_supported_for(experts: ExpertSource, layer: int, dev: torch.device) -> bool:
+    """Whether the fused dequantise-multiply kernels take this layer's expert types on ``dev``."""
+    types = experts.qtypes(layer) if hasattr(experts, "qtypes") else None
+    return types is not None and all(fused_supported(q, dev) for q in types)
+
+
+def _fused_experts(hd: torch.Tensor, weights: torch.Tensor, flat: np.ndarray, needed: np.ndarray, got: list,
+                   llama_numerics: bool) -> torch.Tensor:
+    """run_experts for a few rows on a GPU: every (row, slot) pair is one matrix-vector product, all the
+    pairs of a projection in one fused kernel that reads the experts' GGML blocks in place (gate and up
+    together), so a layer's experts cost three launches whatever their number."""
+    T, k = weights.shape
+    dev = hd.device
+    P = flat.size
+    slot = np.searchsorted(needed, flat)  # pair p uses got[slot[p]]
+    b0 = got[0].blocks
+    base = b0["gate"].data
+    names = ("gate", "up", "down")
+    addr = np.array([[e.blocks[n].data.data_ptr() for e in got] for n in names], dtype=np.int64)[:, slot]
+    aligned = not (addr % 16).any()
+    rows = np.concatenate([np.arange(P) // k, np.arange(P) // k, np.arange(P)])
+    table = torch.from_numpy(np.stack([addr.reshape(-1) - base.data_ptr(), rows])).pin_memory()
+    table = table.to(dev, non_blocking=True)
+    offs, xrows = table[0], table[1]
+
+    def proj(x: torch.Tensor, part: slice, name: str) -> torch.Tensor:
+        b = b0[name]
+        if llama_numerics and act_for(b.qtype) is not None:
+            x = act_for(b.qtype)(x)
+        return fused_gemv_pairs(x, base, offs[part], xrows[part], b.qtype, b.shape, aligned)
+
+    if b0["gate"].qtype == b0["up"].qtype:
+        gu = proj(hd, slice(0, 2 * P), "gate")
+        g, u = gu[:P], gu[P:]
+    else:
+        g, u = proj(hd, slice(0, P), "gate"), proj(hd, slice(P, 2 * P), "up")
+    y = proj(F.silu(g) * u, slice(2 * P, 3 * P), "down")  # [P, n_embd]
+    return (y.view(T, k, -1) * weights.float().unsqueeze(-1)).sum(1)
 
 
 def _expert_group(x: torch.Tensor, got: list, dtype: torch.dtype, llama_numerics: bool) -> torch.Tensor:

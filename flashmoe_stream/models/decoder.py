@@ -15,8 +15,8 @@ import torch
 
 from ..config import ModelConfig
 from .base import StreamingDecoder
-from .common import (AttentionWeights, ExpertSource, KVCache, MoEWeights, act_for, attention, mm, moe, predict_next,
-                     rms_norm)
+from .common import (AttentionWeights, ExpertSource, KVCache, MoEWeights, act_for, attention, lookup, mm, moe,
+                     predict_next, rms_norm)
 
 
 class MoEDecoder(StreamingDecoder):
@@ -25,6 +25,7 @@ class MoEDecoder(StreamingDecoder):
         """``weight_types`` (GGUF name → ggml type of the dense weights): when given, activations are
         rounded as llama.cpp's CPU kernels round them (see common.act_for), so logits match llama.cpp's."""
         self.cfg, self.experts, self.prefetch = cfg, experts, prefetch
+        self.resident = None  # every expert on the GPU: single tokens decode from a CUDA graph
         self.llama_numerics = weight_types is not None
         act = (lambda name: act_for(weight_types[name])) if weight_types is not None else (lambda name: None)
         W = weights.__getitem__
@@ -42,6 +43,39 @@ class MoEDecoder(StreamingDecoder):
                 tuple(act(b + f"attn_{p}.weight") for p in ("q", "k", "v", "output")), self.llama_numerics))
             self.ffn_w.append(MoEWeights(W(b + "ffn_norm.weight"), W(b + "ffn_gate_inp.weight")))
 
+    # --- decode from a CUDA graph when every expert stays on the GPU (models/graph.py) -------------
+    def use_resident_experts(self, experts: dict[int, list]) -> bool:
+        """Decode single tokens from a CUDA graph over ``experts`` (every expert of every layer, on the
+        GPU). False (and nothing changes) where that is not supported here."""
+        from .graph import GraphDecode
+
+        if not GraphDecode.supported(self, experts):
+            return False
+        self.resident, self._graph = experts, None
+        return True
+
+    def forward_batch(self, segments, on_route=None):
+        if self.resident is None or len(segments) != 1 or segments[0][0].numel() != 1:
+            return super().forward_batch(segments, on_route)
+        from .graph import GraphDecode
+
+        tokens, kv = segments[0]
+        if kv.length >= kv.n_ctx:
+            return super().forward_batch(segments, on_route)  # its error
+        if self._graph is None or self._graph.kv is not kv:
+            self._graph = None  # one graph at a time: the last KV cache's
+            self._graph = GraphDecode(self, self.resident, kv)
+        logits = self._graph.step(tokens.reshape(1), kv.length)
+        kv.length += 1
+        ids, weights = self._graph.routes()
+        ids, weights = ids.cpu(), weights.cpu()
+        for i in range(self.cfg.n_layer):
+            if hasattr(self.experts, "count_hits"):
+                self.experts.count_hits(i, len(set(ids[i].tolist())))
+            if on_route is not None:
+                on_route(i, ids[i: i + 1], weights[i: i + 1])
+        return [logits]
+
     @staticmethod
     def attn_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
         return weights["blk.0.attn_q.weight"].dtype
@@ -52,7 +86,7 @@ class MoEDecoder(StreamingDecoder):
 
     # --- the pieces StreamingDecoder's layer loop calls ------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embd[tokens].float()  # the residual stream is float32
+        return lookup(self.embd, tokens).float()  # the residual stream is float32
 
     def attend(self, i: int, x: torch.Tensor, kv: KVCache, pos: torch.Tensor) -> torch.Tensor:
         c = self.cfg

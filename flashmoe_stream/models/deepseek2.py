@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..config import Deepseek2Config
 from .base import StreamingDecoder
-from .common import ExpertSource, _causal_mask, act_for, mm, rms_norm, run_experts
+from .common import ExpertSource, _causal_mask, act_for, lookup, mm, plain, rms_norm, run_experts
 
 
 class MLAKVCache:
@@ -158,10 +158,10 @@ class Deepseek2Decoder(StreamingDecoder):
             b = f"blk.{i}."
             lat_act = None
             if b + "attn_k_b.weight" in weights:
-                k_b, v_b = W(b + "attn_k_b.weight"), W(b + "attn_v_b.weight")
+                k_b, v_b = plain(W(b + "attn_k_b.weight")), plain(W(b + "attn_v_b.weight"))
                 k_act, v_act = act(b + "attn_k_b.weight"), act(b + "attn_v_b.weight")
             else:  # legacy: [H·(nope+v), r] → per head [nope+v, r]
-                kv_b = W(b + "attn_kv_b.weight").view(H, nope + v, r)
+                kv_b = plain(W(b + "attn_kv_b.weight")).view(H, nope + v, r)
                 k_b, v_b = kv_b[:, :nope].transpose(1, 2).contiguous(), kv_b[:, nope:].contiguous()
                 # llama.cpp decompresses there (attn_kv_b @ latent): the latent is what gets rounded
                 k_act = v_act = None
@@ -192,7 +192,7 @@ class Deepseek2Decoder(StreamingDecoder):
 
     # --- the pieces StreamingDecoder's layer loop calls ------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embd[tokens].float()
+        return lookup(self.embd, tokens).float()
 
     def attend(self, i: int, x: torch.Tensor, kv: MLAKVCache, pos: torch.Tensor) -> torch.Tensor:
         c, w, a = self.cfg, self.attn[i], self.attn[i].acts

@@ -99,3 +99,10 @@ def _fused(qtype: GGMLQuantizationType, dtype: torch.dtype):
         except Exception:  # noqa: BLE001 - torch.compile unavailable in this build
             _FUSED[key] = None
     return _FUSED[key]
+
+
+# fused dequantise-multiply (GPUs) and the weight type that uses it; imported last: they use the above
+from ._qtensor import QTensor  # noqa: E402
+from ._triton import gemv_pairs as fused_gemv_pairs, supports as fused_supported  # noqa: E402
+
+__all__ += ["QTensor", "fused_gemv_pairs", "fused_supported"]

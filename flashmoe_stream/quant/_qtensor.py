@@ -1,0 +1,66 @@
+"""QTensor: a 2-D weight kept on its device in its GGML blocks, multiplied without a dequantised copy.
+
+A decode step multiplies a few rows by every weight once: on GPUs a fused kernel reads the blocks
+directly (``_triton``); anywhere else, or for many rows (a prompt), the weight is dequantised on use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _triton
+
+FUSED_ROWS = 8  # up to this many rows of x go through the fused kernel; more are a prompt: dequantise
+
+
+class QTensor:
+    """``raw`` (1-D uint8, the blocks), ``qtype``, ``shape`` [N, K] (torch order) and ``dtype``, the float
+    type it stands for (what ``dequantize`` and ``matmul`` return)."""
+
+    def __init__(self, raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtype):
+        from . import as_qtype, nbytes
+
+        self.raw, self.qtype, self.shape, self.dtype = raw, as_qtype(qtype), tuple(int(s) for s in shape), dtype
+        if len(self.shape) != 2 or raw.numel() != nbytes(self.qtype, self.shape):
+            raise ValueError(f"QTensor needs 2-D {self.qtype.name} blocks, got shape {self.shape}, {raw.numel()} B")
+        self.device = raw.device
+        self.fused = _triton.supports(self.qtype, self.device) and raw.data_ptr() % 2 == 0
+        self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows → (weight offsets, row ids)
+
+    def __repr__(self) -> str:
+        return f"QTensor({self.qtype.name}, {self.shape}, {self.dtype}, {self.device})"
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from . import dequantize
+
+        return dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` dequantised (an embedding lookup): [*ids.shape, K] in ``dtype``."""
+        from . import dequantize
+
+        N, K = self.shape
+        sel = self.raw.view(N, -1)[ids.reshape(-1)]
+        return dequantize(sel.reshape(-1), self.qtype, (sel.shape[0], K), self.dtype).view(*ids.shape, K)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ W.T → [..., N] in ``dtype``."""
+        N, K = self.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        T = x2.shape[0]
+        if self.fused and 0 < T <= FUSED_ROWS:
+            offs, xrows = self._pair_tables(T)
+            y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape).to(self.dtype)
+        else:
+            y = x2.to(self.dtype) @ self.dequantize().T
+        return y.view(*lead, N)
+
+    def _pair_tables(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._pairs.get(T)
+        if t is None:
+            t = self._pairs[T] = (torch.zeros(T, dtype=torch.int64, device=self.device),
+                                  torch.arange(T, dtype=torch.int32, device=self.device))
+        return t

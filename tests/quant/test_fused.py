@@ -1,0 +1,83 @@
+"""The fused dequantise-multiply GPU kernels (quant._triton) and QTensor against dequantize + float64 matmul."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from flashmoe_stream import quant
+
+from .test_dequant import F16_FIELDS, random_bytes
+
+FUSED = [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0]
+
+
+def _ref(x, raw, qtype, shape):
+    w = quant.dequantize(raw, qtype, shape).double()
+    return x.double() @ w.T
+
+
+def _blocks(qtype, shape, seed):
+    """Random blocks with moderate fp16 scales (random bits reach 65504, and sums of such are all rounding)."""
+    raw = random_bytes(qtype, shape, seed)
+    blocks = raw.reshape(-1, quant.block_size(qtype)[1])
+    rng = np.random.default_rng(seed)
+    for at in F16_FIELDS[qtype]:
+        d = rng.uniform(-0.05, 0.05, len(blocks)).astype(np.float16)
+        blocks[:, at:at + 2] = d.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", FUSED)
+@pytest.mark.parametrize("shape", [(48, 512), (300, 768), (1536, 4096)])
+def test_fused_pairs_equal_dequantize_then_matmul(qtype, shape):
+    dev = torch.device("cuda")
+    assert quant.fused_supported(qtype, dev)
+    rng = np.random.default_rng(shape[0] + int(qtype))
+    # three different weights, used by pairs in a scrambled order
+    weights = [_blocks(qtype, shape, seed + 7 * shape[1]).to(dev) for seed in range(3)]
+    x = torch.from_numpy(rng.standard_normal((4, shape[1])).astype(np.float32)).to(dev)
+    which = [2, 0, 1, 1, 0]
+    rows = [3, 0, 1, 3, 2]
+    base = weights[1]  # offsets from any weight on the device, negative too
+    offs = torch.tensor([weights[w].data_ptr() - base.data_ptr() for w in which], dtype=torch.int64, device=dev)
+    y = quant.fused_gemv_pairs(x, base, offs, torch.tensor(rows, device=dev), qtype, shape)
+    torch.cuda.synchronize()
+    assert y.shape == (len(which), shape[0]) and y.dtype == torch.float32
+    for p, (w, r) in enumerate(zip(which, rows)):
+        want = _ref(x[r: r + 1], weights[w], qtype, shape)[0]
+        err = (y[p].double() - want).norm() / want.norm()
+        assert err < 1e-4, (p, float(err))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", FUSED)
+@pytest.mark.parametrize("T", [1, 5, 40])  # fused rows, and a prompt (dequantised on use)
+def test_qtensor_matmul_and_rows(qtype, T):
+    dev = torch.device("cuda")
+    shape = (256, 1024)
+    raw = _blocks(qtype, shape, 3).to(dev)
+    qt = quant.QTensor(raw, qtype, shape, torch.float32)
+    assert qt.fused
+    x = torch.randn(T, shape[1], device=dev)
+    got = qt.matmul(x)
+    want = _ref(x, raw, qtype, shape)
+    assert got.shape == (T, shape[0]) and got.dtype == torch.float32
+    assert (got.double() - want).norm() / want.norm() < 1e-4
+    ids = torch.tensor([[5, 0], [255, 5]], device=dev)
+    assert torch.equal(qt.rows(ids), quant.dequantize(raw, qtype, shape)[ids])
+
+
+def test_qtensor_rejects_a_wrong_size():
+    with pytest.raises(ValueError):
+        quant.QTensor(torch.zeros(100, dtype=torch.uint8), Q.Q8_0, (4, 64), torch.float32)
+
+
+def test_no_fused_kernels_on_the_cpu():
+    assert not quant.fused_supported(Q.Q4_K, torch.device("cpu"))
+    raw = torch.from_numpy(random_bytes(Q.Q8_0, (8, 64), 1))
+    qt = quant.QTensor(raw, Q.Q8_0, (8, 64), torch.float32)
+    x = torch.randn(2, 64)
+    assert not qt.fused
+    assert torch.allclose(qt.matmul(x), x @ quant.dequantize(raw, Q.Q8_0, (8, 64)).T)
