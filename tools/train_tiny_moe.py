@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Train the small MoE that flashmoe ships as its built-in model (qwen3moe architecture).
+"""Train the small MoE that flashmoe ships as its built-in model (qwen3moe architecture), or, with
+``--arch llama``, the small Mixtral-shaped test fixture (tests/data/tiny-mixtral-Q8_0.gguf).
 
 Three steps, each a subcommand (see docs/MODEL.md for the recipe and the results):
 
@@ -11,6 +12,9 @@ Three steps, each a subcommand (see docs/MODEL.md for the recipe and the results
     export DIR WEIGHTS -o MODEL.gguf
                            here: the weights quantised to Q8_0 and written by flashmoe_stream.synth.write_model
                            (synth's tensor names, metadata and tokenizer layout)
+
+``prepare --arch`` picks the architecture (default qwen3moe; llama: Mixtral-like, 8 experts, top-2, no q/k norm,
+normal RoPE, the llama-bpe pre-tokenizer); the corpus records it, and ``train`` and ``export`` follow it.
 
 The MoE block in training computes every expert densely and weights them by the (sparse, top-k) router
 gates before the down projection, which is the same function as the sparse dispatch and fast on a GPU at
@@ -34,7 +38,19 @@ import numpy as np
 # the model: dimensions as flashmoe_stream.synth.Preset fields
 CONFIG = dict(n_layer=8, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=32, n_expert_used=4,
               n_ff_exp=64, n_vocab=4096, n_ctx=512, rope_theta=10000.0, rms_eps=1e-6)
+# the Mixtral-shaped fixture (general.architecture = llama with experts): 8 experts, top-2, small enough for tests/data
+LLAMA_CONFIG = dict(n_layer=6, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
+                    n_ff_exp=128, n_vocab=2048, n_ctx=512, rope_theta=10000.0, rms_eps=1e-5)
+CONFIGS = {"qwen3moe": CONFIG, "llama": LLAMA_CONFIG}
+PRE = {"qwen3moe": "qwen2", "llama": "llama-bpe"}  # the pre-tokenizer synth writes for each architecture
+NAMES = {"qwen3moe": "flashmoe tiny-moe (trained on Python stdlib + Debian docs)",
+         "llama": "flashmoe tiny-mixtral (trained on Python stdlib + Debian docs)"}
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _arch(c: dict) -> str:
+    """The architecture a corpus was prepared for (corpora without the key predate --arch: qwen3moe)."""
+    return c.get("arch", "qwen3moe")
 
 
 # =============================================================================================
@@ -123,6 +139,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from flashmoe_stream.synth import SPECIAL_TOKENS, train_bpe
 
     assert SPECIAL_TOKENS == SPECIALS
+    cfg = CONFIGS[a.arch]
+    pre = PRE[a.arch]
     rng = random.Random(0)
     out = Path(a.dir)
     (out / "heldout").mkdir(parents=True, exist_ok=True)
@@ -146,17 +164,17 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     rng.shuffle(train)
     print(f"corpus: {json.dumps(sizes)}", file=sys.stderr)
 
-    # the tokenizer: BPE with the same pre-tokenizer llama.cpp applies for tokenizer.ggml.pre = qwen2
-    rx = regex.compile(PRE_TOKENIZERS["qwen2"][0])
+    # the tokenizer: BPE with the same pre-tokenizer llama.cpp applies for the tokenizer.ggml.pre synth writes
+    rx = regex.compile(PRE_TOKENIZERS[pre][0])
     sample = "".join(d for _, d in train[:: max(1, len(train) // 2000)])[: a.bpe_chars]
-    n_merges = CONFIG["n_vocab"] - 256 - len(SPECIALS)
+    n_merges = cfg["n_vocab"] - 256 - len(SPECIALS)
     t0 = time.time()
     tokens, merges = train_bpe(sample, n_merges, split=rx.findall)
     print(f"BPE: {len(merges)} merges from {len(sample):,} chars in {time.time() - t0:.0f} s", file=sys.stderr)
     vocab = tokens + list(SPECIALS)
-    vocab += [f"[PAD{i}]" for i in range(CONFIG["n_vocab"] - len(vocab))]
+    vocab += [f"[PAD{i}]" for i in range(cfg["n_vocab"] - len(vocab))]
     (out / "tokenizer.json").write_text(json.dumps({"tokens": tokens, "merges": merges}), encoding="utf-8")
-    tok = Tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": vocab,
+    tok = Tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": vocab,
                      "tokenizer.ggml.token_type": [1] * len(tokens) + [3] * len(SPECIALS)
                      + [5] * (len(vocab) - len(tokens) - len(SPECIALS)),
                      "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": len(tokens),
@@ -167,7 +185,9 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     for k, (_kind, d) in enumerate(tqdm(train, desc="tokenize", unit="doc")):
         (val if k < n_val else ids).extend([eot] + tok.encode(d, add_bos=False))
     arr, varr = np.asarray(ids, np.uint16), np.asarray(val, np.uint16)
-    np.savez_compressed(out / "corpus.npz", train=arr, val=varr, config=json.dumps(CONFIG))
+    # qwen3moe's config is saved as it always was (no arch key), so its corpus is byte for byte the same
+    np.savez_compressed(out / "corpus.npz", train=arr, val=varr,
+                        config=json.dumps(cfg if a.arch == "qwen3moe" else {"arch": a.arch, **cfg}))
     chars = sum(len(d) for _, d in train)
     print(f"tokens: {arr.size:,} train, {varr.size:,} validation ({chars / (arr.size + varr.size):.2f} chars/token)",
           file=sys.stderr)
@@ -196,19 +216,23 @@ def _model(c: dict, device):
         return nn.Parameter(torch.ones(n, device=device))
 
     resid = 0.02 / math.sqrt(2 * c["n_layer"])
+    qk_norm = _arch(c) == "qwen3moe"
     P = {"token_embd.weight": p(V, E), "output_norm.weight": ones(E), "output.weight": p(V, E)}
     for i in range(c["n_layer"]):
         b = f"blk.{i}."
         P.update({b + "attn_norm.weight": ones(E), b + "attn_q.weight": p(H * D, E), b + "attn_k.weight": p(KV * D, E),
                   b + "attn_v.weight": p(KV * D, E), b + "attn_output.weight": p(E, H * D, std=resid),
-                  b + "attn_q_norm.weight": ones(D), b + "attn_k_norm.weight": ones(D), b + "ffn_norm.weight": ones(E),
+                  **({b + "attn_q_norm.weight": ones(D), b + "attn_k_norm.weight": ones(D)} if qk_norm else {}),
+                  b + "ffn_norm.weight": ones(E),
                   b + "ffn_gate_inp.weight": p(NE, E), b + "ffn_gate_exps.weight": p(NE, FF, E),
                   b + "ffn_up_exps.weight": p(NE, FF, E), b + "ffn_down_exps.weight": p(NE, E, FF, std=resid)})
     return nn.ParameterDict({k.replace(".", "/"): v for k, v in P.items()})  # no '.' in ParameterDict keys
 
 
 def _forward(P, c: dict, tok, want_stats: bool = False):
-    """(logits [B, T, V], aux losses dict, stats) — the qwen3moe forward pass as llama.cpp computes it."""
+    """(logits [B, T, V], aux losses dict, stats) — the qwen3moe or llama (Mixtral) forward pass as llama.cpp
+    computes it. llama: no q/k norm and normal RoPE, which rotates the adjacent pairs (2i, 2i + 1) of the GGUF
+    layout (llama.cpp's converter permutes HF's q/k rows into that layout; trained here, they are born in it)."""
     import torch
     import torch.nn.functional as F
 
@@ -216,6 +240,7 @@ def _forward(P, c: dict, tok, want_stats: bool = False):
     E, H, KV, D, NE, FF, K = (c["n_embd"], c["n_head"], c["n_head_kv"], c["head_dim"], c["n_expert"], c["n_ff_exp"],
                               c["n_expert_used"])
     eps = c["rms_eps"]
+    qwen = _arch(c) == "qwen3moe"
 
     def rms(x, w):
         xf = x.float()
@@ -225,9 +250,12 @@ def _forward(P, c: dict, tok, want_stats: bool = False):
     ang = torch.arange(T, device=tok.device, dtype=torch.float32)[:, None] * inv[None]
     cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
 
-    def rope(x):  # NEOX pairing (i, i + D/2), x [B, T, h, D]
-        a, b = x[..., : D // 2], x[..., D // 2:]
-        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    def rope(x):  # x [B, T, h, D]
+        if qwen:  # NEOX pairing (i, i + D/2)
+            a, b = x[..., : D // 2], x[..., D // 2:]
+            return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+        a, b = x[..., 0::2], x[..., 1::2]  # normal pairing (2i, 2i + 1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
 
     def W(name):
         return P[name.replace(".", "/")]
@@ -241,8 +269,9 @@ def _forward(P, c: dict, tok, want_stats: bool = False):
         q = (h @ W(b + "attn_q.weight").to(h.dtype).T).view(B, T, H, D)
         k = (h @ W(b + "attn_k.weight").to(h.dtype).T).view(B, T, KV, D)
         v = (h @ W(b + "attn_v.weight").to(h.dtype).T).view(B, T, KV, D)
-        q = rope(rms(q, W(b + "attn_q_norm.weight"))).to(h.dtype)
-        k = rope(rms(k, W(b + "attn_k_norm.weight"))).to(h.dtype)
+        if qwen:
+            q, k = rms(q, W(b + "attn_q_norm.weight")), rms(k, W(b + "attn_k_norm.weight"))
+        q, k = rope(q.float()).to(h.dtype), rope(k.float()).to(h.dtype)
         att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                              enable_gqa=True).transpose(1, 2).reshape(B, T, H * D)
         x = x + (att @ W(b + "attn_output.weight").to(h.dtype).T).float()
@@ -288,6 +317,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     dev = torch.device(a.device)
     data = np.load(Path(a.dir) / "corpus.npz")
     c = json.loads(str(data["config"]))
+    _check_arch(a, c)
     train = torch.from_numpy(data["train"].astype(np.int64)).to(dev)
     val = torch.from_numpy(data["val"].astype(np.int64)).to(dev)
     T, B = a.seq, a.batch
@@ -382,17 +412,26 @@ def cmd_train(a: argparse.Namespace) -> int:
 # export
 
 
+def _check_arch(a: argparse.Namespace, c: dict) -> None:
+    if a.arch is not None and a.arch != _arch(c):
+        sys.exit(f"--arch {a.arch}: the corpus was prepared for {_arch(c)} (prepare --arch {a.arch} first)")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from flashmoe_stream.synth import Preset, write_model
 
+    with np.load(Path(a.dir) / "corpus.npz") as z:
+        c = json.loads(str(z["config"]))
+    _check_arch(a, c)
+    arch = _arch(c)
     tok = json.loads((Path(a.dir) / "tokenizer.json").read_text())
     weights = {}
     for f in sorted(Path(a.weights).glob("weights-*.npz")):
         with np.load(f) as z:
             weights.update({k: z[k].astype(np.float32) for k in z.files})
-    p = Preset(**CONFIG)
-    path = write_model(a.output, p, weights, qtype="Q8_0", bpe=(tok["tokens"], tok["merges"]),
-                       name="flashmoe tiny-moe (trained on Python stdlib + Debian docs)")
+    p = Preset(**CONFIGS[arch])
+    path = write_model(a.output, p, weights, arch=arch, qtype="Q8_0", bpe=(tok["tokens"], tok["merges"]),
+                       name=NAMES[arch])
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
@@ -402,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("prepare", help="corpus + tokenizer + token ids (CPU)")
     s.add_argument("dir")
+    s.add_argument("--arch", choices=tuple(CONFIGS), default="qwen3moe",
+                   help="qwen3moe: the built-in model; llama: the Mixtral-shaped test fixture")
     s.add_argument("--python", default="/usr/lib/python3.11")
     s.add_argument("--more-code", nargs="*", default=["/usr/lib/python3/dist-packages"],
                    help="more Python sources (for code and for chat turns made of docstrings)")
@@ -416,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("train", help="train on a GPU (torch, numpy)")
     s.add_argument("dir")
     s.add_argument("out")
+    s.add_argument("--arch", choices=tuple(CONFIGS), help="check that the corpus was prepared for this architecture")
     s.add_argument("--device", default="cuda")
     s.add_argument("--seconds", type=float, default=85, help="training time budget (the step count is set from it)")
     s.add_argument("--steps", type=int, help="train exactly this many steps instead (the shipped model: 1268)")
@@ -432,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dir")
     s.add_argument("weights")
     s.add_argument("-o", "--output", required=True)
+    s.add_argument("--arch", choices=tuple(CONFIGS), help="check that the corpus was prepared for this architecture")
     s.set_defaults(fn=cmd_export)
     a = ap.parse_args(argv)
     return a.fn(a)
