@@ -19,8 +19,10 @@
  * weights into signed 8-bit quants q[], per-sub-block float scales sc[] and mins mn[] with
  * weight = sc[j] * q - mn[j]: the generic dot products below work on that form.
  */
+#ifndef QDOT_NO_PYTHON  /* -DQDOT_NO_PYTHON: a plain C library (benchmarks, other hosts) */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h> /* first, as Python asks; only for the empty module init at the end */
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -96,6 +98,23 @@ static inline uint16_t fp32_to_fp16(float f) {
 
 static inline float rd16(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return fp16_to_fp32(h); }
 
+#if QD_AVX2
+/* 8 unsigned (or signed) bytes times a float32 scale, as 8 float32 (float(byte) * d, one rounding) */
+static inline void scale8(uint64_t bytes, int is_signed, float d, float *out) {
+    __m128i v = _mm_cvtsi64_si128((long long)bytes);
+    __m256i i = is_signed ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v);
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(i)));
+}
+#else
+static inline void scale8(uint64_t bytes, int is_signed, float d, float *out) {
+    for (int j = 0; j < 8; j++) {
+        uint8_t u = (uint8_t)(bytes >> (8 * j));
+        out[j] = d * (float)(is_signed ? (int)(int8_t)u : (int)u);
+    }
+}
+#endif
+
+
 /* ------------------------------------------------------------------------------------- decoders */
 /* Each: (blocks, number of ggml blocks in this chunk) -> q[n], sc[n_sub], mn[n_sub] (mn only if has_min).
  * The float scales are computed exactly as the reference dequantisers do (fp16 widened, times the
@@ -161,52 +180,75 @@ static void dec_q5_1(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn
 static void dec_q2_k(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn) {
     (void)nblk;
     float d = rd16(b + 80), dmin = rd16(b + 82);
-    for (int j = 0; j < 16; j++) {
-        sc[j] = d * (float)(b[j] & 15);
-        mn[j] = dmin * (float)(b[j] >> 4);
+    uint64_t w[2];
+    memcpy(w, b, 16);
+    for (int h = 0; h < 2; h++) {
+        scale8(w[h] & 0x0F0F0F0F0F0F0F0Full, 0, d, sc + 8 * h);
+        scale8((w[h] >> 4) & 0x0F0F0F0F0F0F0F0Full, 0, dmin, mn + 8 * h);
     }
     const uint8_t *qs = b + 16;
+#if QD_AVX2
+    for (int h = 0; h < 2; h++) {
+        __m256i Q = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+        for (int t = 0; t < 4; t++)
+            _mm256_storeu_si256((__m256i *)(q + 128 * h + 32 * t),
+                                _mm256_and_si256(_mm256_srli_epi16(Q, 2 * t), _mm256_set1_epi8(3)));
+    }
+#else
     for (int h = 0; h < 2; h++)
-        for (int s = 0; s < 4; s++)
-            for (int l = 0; l < 32; l++) q[128 * h + 32 * s + l] = (int8_t)((qs[32 * h + l] >> (2 * s)) & 3);
+        for (int t = 0; t < 4; t++)
+            for (int l = 0; l < 32; l++) q[128 * h + 32 * t + l] = (int8_t)((qs[32 * h + l] >> (2 * t)) & 3);
+#endif
 }
 
 static void dec_q3_k(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn) {
     (void)nblk; (void)mn;
     float d = rd16(b + 108);
-    const uint8_t *hm = b, *qs = b + 32, *s = b + 96;
-    for (int j = 0; j < 16; j++) {
-        int lo = (j < 8) ? (s[j] & 15) : (s[j - 8] >> 4);
-        int hi = (s[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
-        sc[j] = d * (float)((lo | hi << 4) - 32);
+    const uint8_t *hm = b, *qs = b + 32;
+    uint64_t lo;
+    uint32_t hi;
+    memcpy(&lo, b + 96, 8);
+    memcpy(&hi, b + 104, 4);
+    const uint64_t m2 = 0x03030303u;
+    uint64_t v[2] = {  /* the sixteen 6-bit scales, 0..63, a byte each */
+        (lo & 0x0F0F0F0F0F0F0F0Full) | (((hi & m2) | ((hi >> 2) & m2) << 32) << 4),
+        ((lo >> 4) & 0x0F0F0F0F0F0F0F0Full) | ((((hi >> 4) & m2) | ((hi >> 6) & m2) << 32) << 4)};
+    for (int h = 0; h < 2; h++) {  /* minus 32 in each byte without carries: v ^ 32 for v >= 32, v | 0xE0 below */
+        uint64_t below = ~v[h] & 0x2020202020202020ull;
+        scale8((v[h] ^ 0x2020202020202020ull) | below << 1 | below << 2, 1, d, sc + 8 * h);
     }
+#if QD_AVX2
+    const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+    __m256i H = _mm256_loadu_si256((const __m256i *)hm);
+    for (int h = 0; h < 2; h++) {
+        __m256i Q = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+        for (int t = 0; t < 4; t++) {
+            __m256i bit = _mm256_set1_epi8((char)(1 << (4 * h + t)));
+            __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(H, bit), _mm256_setzero_si256());
+            __m256i v = _mm256_and_si256(_mm256_srli_epi16(Q, 2 * t), m3);
+            _mm256_storeu_si256((__m256i *)(q + 128 * h + 32 * t), _mm256_sub_epi8(v, _mm256_and_si256(clear, four)));
+        }
+    }
+#else
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < 4; t++)
             for (int l = 0; l < 32; l++) {
-                int e = 128 * h + 32 * t;
                 int v = (qs[32 * h + l] >> (2 * t)) & 3;
-                q[e + l] = (int8_t)(v - (((hm[l] >> (4 * h + t)) & 1) ? 0 : 4));
+                q[128 * h + 32 * t + l] = (int8_t)(v - (((hm[l] >> (4 * h + t)) & 1) ? 0 : 4));
             }
+#endif
 }
 
-static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *m = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
+/* Q4_K/Q5_K: the eight 6-bit scales and mins of the 12 packed bytes, four at a time as 32-bit words */
 static inline void k_scales(const uint8_t *b, float *sc, float *mn) {
-    float d = rd16(b), dmin = rd16(b + 2);
-    for (int j = 0; j < 8; j++) {
-        int s, m;
-        k_scale_min(b + 4, j, &s, &m);
-        sc[j] = d * (float)s;
-        mn[j] = dmin * (float)m;
-    }
+    uint32_t w[3];
+    memcpy(w, b + 4, 12);
+    uint64_t s = (uint64_t)(w[0] & 0x3F3F3F3Fu)
+                 | (uint64_t)((w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)) << 32;
+    uint64_t m = (uint64_t)(w[1] & 0x3F3F3F3Fu)
+                 | (uint64_t)(((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)) << 32;
+    scale8(s, 0, rd16(b), sc);
+    scale8(m, 0, rd16(b + 2), mn);
 }
 
 static void dec_q4_k(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn) {
@@ -259,8 +301,10 @@ static void dec_q5_k(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn
 static void dec_q6_k(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn) {
     (void)nblk; (void)mn;
     float d = rd16(b + 208);
-    const int8_t *s = (const int8_t *)(b + 192);
-    for (int j = 0; j < 16; j++) sc[j] = d * (float)s[j];
+    uint64_t s[2];
+    memcpy(s, b + 192, 16);
+    scale8(s[0], 1, d, sc);
+    scale8(s[1], 1, d, sc + 8);
     for (int h = 0; h < 2; h++) {
         const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
         int8_t *o = q + 128 * h;
@@ -703,7 +747,9 @@ int qdot_dequant(int type, const uint8_t *raw, int64_t n_blocks, float *out, int
 
 /* ------------------------------------------------------------- the module setuptools builds */
 
+#ifndef QDOT_NO_PYTHON
 static struct PyModuleDef qdot_module = {PyModuleDef_HEAD_INIT, "_qdot",
                                          "native quantised matmul kernels (called through ctypes)", -1, NULL};
 
 PyMODINIT_FUNC PyInit__qdot(void) { return PyModule_Create(&qdot_module); }
+#endif
