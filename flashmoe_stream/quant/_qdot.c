@@ -130,14 +130,37 @@ static void dec_q8_0(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn
     }
 }
 
+#if QD_AVX2
+/* 16 bytes of nibbles -> 32 bytes: the low nibbles, then the high ones (the legacy 32-element layout) */
+static inline __m256i nibbles32(const uint8_t *p) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return _mm256_setr_m128i(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+}
+
+/* the 32 bits of a little-endian word at p -> 32 bytes: 16 where bit l is set, else 0 */
+static inline __m256i bits32_x16(const uint8_t *p) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), spread);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
+}
+#endif
+
 static void dec_q4_0(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn) {
     (void)mn;
     for (int i = 0; i < nblk; i++, b += 18) {
         sc[i] = rd16(b);
+#if QD_AVX2
+        _mm256_storeu_si256((__m256i *)(q + 32 * i), _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)));
+#else
         for (int l = 0; l < 16; l++) {
             q[32 * i + l] = (int8_t)((b[2 + l] & 15) - 8);
             q[32 * i + l + 16] = (int8_t)((b[2 + l] >> 4) - 8);
         }
+#endif
     }
 }
 
@@ -145,20 +168,29 @@ static void dec_q4_1(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn
     for (int i = 0; i < nblk; i++, b += 20) {
         sc[i] = rd16(b);
         mn[i] = -rd16(b + 2);
+#if QD_AVX2
+        _mm256_storeu_si256((__m256i *)(q + 32 * i), nibbles32(b + 4));
+#else
         for (int l = 0; l < 16; l++) {
             q[32 * i + l] = (int8_t)(b[4 + l] & 15);
             q[32 * i + l + 16] = (int8_t)(b[4 + l] >> 4);
         }
+#endif
     }
 }
 
 static inline void q5_quants(const uint8_t *qh4, const uint8_t *qs, int offset, int8_t *q) {
+#if QD_AVX2
+    __m256i v = _mm256_or_si256(nibbles32(qs), bits32_x16(qh4));
+    _mm256_storeu_si256((__m256i *)q, _mm256_sub_epi8(v, _mm256_set1_epi8((char)offset)));
+#else
     uint32_t qh;
     memcpy(&qh, qh4, 4);
     for (int l = 0; l < 16; l++) {
         q[l] = (int8_t)(((qs[l] & 15) | ((qh >> l) & 1) << 4) - offset);
         q[l + 16] = (int8_t)(((qs[l] >> 4) | ((qh >> (l + 16)) & 1) << 4) - offset);
     }
+#endif
 }
 
 static void dec_q5_0(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn) {
@@ -456,116 +488,156 @@ typedef struct {
     int64_t N, K, R;
     const float *x;
     int64_t xs_mat, xs_row;   /* float mode: element strides of x */
-    const acts *a;
-    int64_t a_mat;            /* int mode: activation rows between matrices (0: shared) */
+    const acts *a;            /* int mode: the rounded rows; float mode: a->dbs holds the x sums per sub-block */
+    int64_t a_mat;            /* rows of `a` between matrices (0: shared) */
     float *out;
     int64_t begin, end;       /* flattened (matrix, row) range of this thread */
     int status;
 } job;
 
-/* float mode: one weight row against R activation rows */
-static void row_float(const job *jb, const uint8_t *wrow, const float *x0, float *res,
-                      int8_t *q, float *wf, float *acc) {
+#define FACTOR_ROWS 2  /* float mode: up to this many rows multiply the quants directly, more share decoded floats */
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* float mode, one weight row against R activation rows. The chunk loop is generic; `sub` and `has_min` are
+ * compile-time constants in each caller so the inner loops unroll. */
+ALWAYS_INLINE void row_float_t(const job *jb, const uint8_t *wrow, const float *x0, const float *xsum,
+                               float *res, int8_t *q, float *wf, float *acc, const int sub, const int has_min) {
     const qtype_info *ti = jb->ti;
-    const int64_t K = jb->K, R = jb->R;
+    const int64_t K = jb->K, R = jb->R, kp = jb->a->kp;
+    const int64_t chunk_bytes = (int64_t)(CHUNK / ti->qk) * ti->bytes;
     float sc[MAX_SUB], mn[MAX_SUB];
     memset(mn, 0, sizeof mn);
-    memset(acc, 0, sizeof(float) * 8 * R);
-    const int blk_per_chunk = CHUNK / ti->qk;
-    for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
-        int n = (int)(K - k0 < CHUNK ? K - k0 : CHUNK), nblk = n / ti->qk;
-        ti->decode(wrow + (k0 / ti->qk) * ti->bytes, nblk, q, sc, mn);
-        (void)blk_per_chunk;
-        /* the exact dequantised values: sc * q, then minus the min */
-        for (int j = 0; j < n / ti->sub; j++) {
+    memset(acc, 0, sizeof(float) * 16 * R);  /* per row: 8 lanes of sums, 8 of mins */
+    for (int64_t k0 = 0, c = 0; k0 < K; k0 += CHUNK, c++) {
+        const int n = K - k0 < CHUNK ? (int)(K - k0) : CHUNK, ns = n == CHUNK ? CHUNK / sub : n / sub;
+        ti->decode(wrow + c * chunk_bytes, n == CHUNK ? CHUNK / ti->qk : n / ti->qk, q, sc, mn);
 #if QD_AVX2
-            __m256 s = _mm256_set1_ps(sc[j]), m = _mm256_set1_ps(mn[j]);
-            for (int i = 0; i < ti->sub; i += 8) {
-                int64_t qv;
-                memcpy(&qv, q + j * ti->sub + i, 8);
-                __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(qv)));
-                _mm256_storeu_ps(wf + j * ti->sub + i, _mm256_sub_ps(_mm256_mul_ps(f, s), m));
+        if (R <= FACTOR_ROWS) {  /* sum_j sc_j * (x . q)_j - sum_j mn_j * (sum of x)_j */
+            __m256 mn0 = _mm256_loadu_ps(mn), mn1 = _mm256_loadu_ps(mn + 8);
+            for (int64_t r = 0; r < R; r++) {
+                const float *xr = x0 + r * jb->xs_row + k0;
+                __m256 a0 = _mm256_load_ps(acc + 16 * r), a1 = _mm256_setzero_ps();
+                for (int j = 0; j < ns; j += 2) {
+                    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+                    for (int i = 0; i < sub; i += 8) {
+                        s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                 _mm_loadl_epi64((const __m128i *)(q + j * sub + i)))),
+                                             _mm256_loadu_ps(xr + j * sub + i), s0);
+                        s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                 _mm_loadl_epi64((const __m128i *)(q + (j + 1) * sub + i)))),
+                                             _mm256_loadu_ps(xr + (j + 1) * sub + i), s1);
+                    }
+                    a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(sc[j]), a0);
+                    if (j + 1 < ns) a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(sc[j + 1]), a1);
+                }
+                _mm256_store_ps(acc + 16 * r, _mm256_add_ps(a0, a1));
+                if (has_min) {
+                    const float *xs = xsum + r * (kp / sub) + k0 / sub;
+                    __m256 m = _mm256_load_ps(acc + 16 * r + 8);
+                    if (ns == 16) {
+                        m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(xs), m);
+                        m = _mm256_fmadd_ps(mn1, _mm256_loadu_ps(xs + 8), m);
+                    } else if (ns == 8) {
+                        m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(xs), m);
+                    } else {
+                        float t = 0.0f;
+                        for (int j = 0; j < ns; j++) t += mn[j] * xs[j];
+                        m = _mm256_add_ps(m, _mm256_setr_ps(t, 0, 0, 0, 0, 0, 0, 0));
+                    }
+                    _mm256_store_ps(acc + 16 * r + 8, m);
+                }
             }
-#else
-            for (int i = 0; i < ti->sub; i++) wf[j * ti->sub + i] = (float)q[j * ti->sub + i] * sc[j] - mn[j];
-#endif
+            continue;
+        }
+        /* several rows: decode to the exact dequantised floats once (sc * q, then minus the min) */
+        for (int j = 0; j < ns; j++) {
+            __m256 s = _mm256_set1_ps(sc[j]), m = _mm256_set1_ps(mn[j]);
+            for (int i = 0; i < sub; i += 8) {
+                __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j * sub + i))));
+                _mm256_store_ps(wf + j * sub + i, has_min ? _mm256_sub_ps(_mm256_mul_ps(f, s), m) : _mm256_mul_ps(f, s));
+            }
         }
         for (int64_t r = 0; r < R; r++) {
             const float *xr = x0 + r * jb->xs_row + k0;
-#if QD_AVX2
-            __m256 a0 = _mm256_load_ps(acc + 8 * r), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+            __m256 a0 = _mm256_load_ps(acc + 16 * r), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
                    a3 = _mm256_setzero_ps();
             int i = 0;
             for (; i + 32 <= n; i += 32) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i), _mm256_loadu_ps(xr + i), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
+                a0 = _mm256_fmadd_ps(_mm256_load_ps(wf + i), _mm256_loadu_ps(xr + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_load_ps(wf + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_load_ps(wf + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_load_ps(wf + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
             }
-            for (; i < n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wf + i), _mm256_loadu_ps(xr + i), a0);
-            _mm256_store_ps(acc + 8 * r, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#else
-            for (int i = 0; i < n; i++) acc[8 * r + (i & 7)] += wf[i] * xr[i];
-#endif
+            for (; i < n; i += 8) a0 = _mm256_fmadd_ps(_mm256_load_ps(wf + i), _mm256_loadu_ps(xr + i), a0);
+            _mm256_store_ps(acc + 16 * r, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         }
+#else
+        (void)xsum; (void)has_min;
+        for (int i = 0; i < n; i++) wf[i] = (float)q[i] * sc[i / sub] - mn[i / sub];
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x0 + r * jb->xs_row + k0;
+            for (int i = 0; i < n; i++) acc[16 * r + (i & 7)] += wf[i] * xr[i];
+        }
+#endif
     }
     for (int64_t r = 0; r < R; r++) {
 #if QD_AVX2
-        res[r] = hsum8(_mm256_load_ps(acc + 8 * r));
+        res[r] = hsum8(_mm256_load_ps(acc + 16 * r)) - hsum8(_mm256_load_ps(acc + 16 * r + 8));
 #else
-        float s = 0.0f;
-        for (int i = 0; i < 8; i++) s += acc[8 * r + i];
-        res[r] = s;
+        float s = 0.0f, m = 0.0f;
+        for (int i = 0; i < 8; i++) { s += acc[16 * r + i]; m += acc[16 * r + 8 + i]; }
+        res[r] = s - m;
 #endif
     }
 }
 
-/* llama.cpp mode: one weight row against R rounded activation rows (a_q/a_d/a_s: row 0 of this matrix) */
-static void row_int(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d, const float *a_s,
-                    float *res, int8_t *q, float *acc) {
+/* llama.cpp mode, one weight row against R rounded activation rows (a_q/a_d/a_s: row 0 of this matrix);
+ * sub, has_min, is_unsigned and act_k are compile-time constants in each caller. */
+ALWAYS_INLINE void row_int_t(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d,
+                             const float *a_s, float *res, int8_t *q, float *acc, const int sub,
+                             const int has_min, const int uns, const int act_k) {
     const qtype_info *ti = jb->ti;
     const int64_t K = jb->K, R = jb->R, kp = jb->a->kp;
-    const int sub = ti->sub, act_k = ti->act_k, has_min = ti->has_min, uns = ti->is_unsigned;
+    const int64_t chunk_bytes = (int64_t)(CHUNK / ti->qk) * ti->bytes;
     float sc[MAX_SUB], mn[MAX_SUB];
     memset(mn, 0, sizeof mn);
     memset(acc, 0, sizeof(float) * 16 * R);  /* per row: 8 lanes of scaled dots, 8 of mins */
-    for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
-        int n = (int)(K - k0 < CHUNK ? K - k0 : CHUNK), nblk = n / ti->qk, ns = n / sub;
-        ti->decode(wrow + (k0 / ti->qk) * ti->bytes, nblk, q, sc, mn);
+    for (int64_t k0 = 0, c = 0; k0 < K; k0 += CHUNK, c++) {
+        const int n = K - k0 < CHUNK ? (int)(K - k0) : CHUNK, ns = n == CHUNK ? CHUNK / sub : n / sub;
+        const int ng = n == CHUNK ? CHUNK / 32 : n / 32;
+        ti->decode(wrow + c * chunk_bytes, n == CHUNK ? CHUNK / ti->qk : n / ti->qk, q, sc, mn);
 #if QD_AVX2
         __m256 scv[8];  /* the weight scale of each lane, per 32 quants */
-        for (int g = 0; g < n / 32; g++)
+        for (int g = 0; g < ng; g++)
             scv[g] = sub == 32 ? _mm256_set1_ps(sc[g])
                                : _mm256_setr_m128(_mm_set1_ps(sc[2 * g]), _mm_set1_ps(sc[2 * g + 1]));
         __m256 mn0 = _mm256_loadu_ps(mn), mn1 = _mm256_loadu_ps(mn + 8);
-#endif
+        __m256i wq[8];
+        for (int g = 0; g < ng; g++) {
+            wq[g] = _mm256_load_si256((const __m256i *)(q + 32 * g));
+        }
         for (int64_t r = 0; r < R; r++) {
             const int8_t *aq = a_q + r * kp + k0;
             const float *ad = a_d + r * (kp / 32) + k0 / 32, *as = a_s + r * (kp / sub) + k0 / sub;
-#if QD_AVX2
             __m256 acc0 = _mm256_load_ps(acc + 16 * r);
-            if (act_k) {  /* one activation scale for the chunk */
+            if (act_k) {  /* one activation scale for the chunk (always a whole one) */
                 __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-                int g = 0;
-                for (; g + 2 <= n / 32; g += 2) {
-                    __m256 p0 = idot32(_mm256_loadu_si256((const __m256i *)(q + 32 * g)),
-                                       _mm256_loadu_si256((const __m256i *)(aq + 32 * g)), uns);
-                    __m256 p1 = idot32(_mm256_loadu_si256((const __m256i *)(q + 32 * g + 32)),
-                                       _mm256_loadu_si256((const __m256i *)(aq + 32 * g + 32)), uns);
-                    b0 = _mm256_fmadd_ps(p0, scv[g], b0);
-                    b1 = _mm256_fmadd_ps(p1, scv[g + 1], b1);
-                }
-                for (; g < n / 32; g++)
-                    b0 = _mm256_fmadd_ps(idot32(_mm256_loadu_si256((const __m256i *)(q + 32 * g)),
-                                                _mm256_loadu_si256((const __m256i *)(aq + 32 * g)), uns),
+                for (int g = 0; g < 8; g += 2) {
+                    b0 = _mm256_fmadd_ps(idot32(wq[g], _mm256_loadu_si256((const __m256i *)(aq + 32 * g)), uns),
                                          scv[g], b0);
+                    b1 = _mm256_fmadd_ps(idot32(wq[g + 1], _mm256_loadu_si256((const __m256i *)(aq + 32 * g + 32)), uns),
+                                         scv[g + 1], b1);
+                }
                 acc0 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), _mm256_set1_ps(ad[0]), acc0);
             } else {  /* Q8_0 activations: a scale per 32 */
-                for (int g = 0; g < n / 32; g++) {
-                    __m256 p = idot32(_mm256_loadu_si256((const __m256i *)(q + 32 * g)),
-                                      _mm256_loadu_si256((const __m256i *)(aq + 32 * g)), uns);
-                    acc0 = _mm256_fmadd_ps(p, _mm256_mul_ps(scv[g], _mm256_set1_ps(ad[g])), acc0);
+                __m256 b0 = _mm256_setzero_ps();
+                for (int g = 0; g < ng; g++) {
+                    __m256 p = idot32(wq[g], _mm256_loadu_si256((const __m256i *)(aq + 32 * g)), uns);
+                    if (g & 1) b0 = _mm256_fmadd_ps(p, _mm256_mul_ps(scv[g], _mm256_set1_ps(ad[g])), b0);
+                    else acc0 = _mm256_fmadd_ps(p, _mm256_mul_ps(scv[g], _mm256_set1_ps(ad[g])), acc0);
                 }
+                acc0 = _mm256_add_ps(acc0, b0);
             }
             _mm256_store_ps(acc + 16 * r, acc0);
             if (has_min) {
@@ -582,15 +654,20 @@ static void row_int(const job *jb, const uint8_t *wrow, const int8_t *a_q, const
                 }
                 _mm256_store_ps(acc + 16 * r + 8, m);
             }
+        }
 #else
+        (void)uns; (void)act_k; (void)ng;
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *aq = a_q + r * kp + k0;
+            const float *ad = a_d + r * (kp / 32) + k0 / 32, *as = a_s + r * (kp / sub) + k0 / sub;
             for (int j = 0; j < ns; j++) {
                 int s = 0;
                 for (int i = 0; i < sub; i++) s += (int)q[j * sub + i] * (int)aq[j * sub + i];
                 acc[16 * r + (j & 7)] += sc[j] * ad[(j * sub) / 32] * (float)s;
                 if (has_min) acc[16 * r + 8 + (j & 7)] += mn[j] * as[j];
             }
-#endif
         }
+#endif
     }
     for (int64_t r = 0; r < R; r++) {
 #if QD_AVX2
@@ -603,10 +680,50 @@ static void row_int(const job *jb, const uint8_t *wrow, const int8_t *a_q, const
     }
 }
 
+/* the specialisations: (sub-block size, has mins, unsigned quants, Q8_K activations) */
+#define ROW_INT(name, SUB, MIN, UNS, ACTK)                                                                   \
+    static void name(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d, const float *a_s, \
+                     float *res, int8_t *q, float *acc) {                                                     \
+        row_int_t(jb, wrow, a_q, a_d, a_s, res, q, acc, SUB, MIN, UNS, ACTK);                                 \
+    }
+ROW_INT(row_int_k32m, 32, 1, 1, 1)   /* Q4_K, Q5_K */
+ROW_INT(row_int_k16, 16, 0, 0, 1)    /* Q6_K, Q3_K */
+ROW_INT(row_int_k16m, 16, 1, 1, 1)   /* Q2_K */
+ROW_INT(row_int_0, 32, 0, 0, 0)      /* Q8_0, Q4_0, Q5_0 */
+ROW_INT(row_int_0m, 32, 1, 1, 0)     /* Q4_1, Q5_1 */
+
+#define ROW_FLOAT(name, SUB, MIN)                                                                            \
+    static void name(const job *jb, const uint8_t *wrow, const float *x0, const float *xsum, float *res,     \
+                     int8_t *q, float *wf, float *acc) {                                                      \
+        row_float_t(jb, wrow, x0, xsum, res, q, wf, acc, SUB, MIN);                                           \
+    }
+ROW_FLOAT(row_float_32, 32, 0)
+ROW_FLOAT(row_float_32m, 32, 1)
+ROW_FLOAT(row_float_16, 16, 0)
+ROW_FLOAT(row_float_16m, 16, 1)
+
+typedef void (*row_int_fn)(const job *, const uint8_t *, const int8_t *, const float *, const float *, float *,
+                           int8_t *, float *);
+typedef void (*row_float_fn)(const job *, const uint8_t *, const float *, const float *, float *, int8_t *,
+                             float *, float *);
+
+static row_int_fn pick_int(const qtype_info *ti) {
+    if (ti->act_k) return ti->sub == 32 ? row_int_k32m : (ti->has_min ? row_int_k16m : row_int_k16);
+    return ti->has_min ? row_int_0m : row_int_0;
+}
+
+static row_float_fn pick_float(const qtype_info *ti) {
+    if (ti->sub == 32) return ti->has_min ? row_float_32m : row_float_32;
+    return ti->has_min ? row_float_16m : row_float_16;
+}
+
 static void *run_job(void *arg) {
     job *jb = (job *)arg;
     const int64_t N = jb->N, R = jb->R;
     const int64_t row_bytes = jb->K / jb->ti->qk * jb->ti->bytes;
+    const acts *a = jb->a;
+    row_int_fn fi = pick_int(jb->ti);
+    row_float_fn ff = pick_float(jb->ti);
     int8_t *q = NULL;
     float *wf = NULL, *acc = NULL, *res = NULL;
     if (posix_memalign((void **)&q, 64, CHUNK) || posix_memalign((void **)&wf, 64, CHUNK * sizeof(float)) ||
@@ -616,16 +733,13 @@ static void *run_job(void *arg) {
         goto done;
     }
     for (int64_t i = jb->begin; i < jb->end; i++) {
-        int64_t m = i / N, n = i % N;
+        int64_t m = i / N, n = i % N, r0 = m * jb->a_mat;
         const uint8_t *wrow = jb->w[m] + n * row_bytes;
-        if (jb->round_acts) {
-            const acts *a = jb->a;
-            int64_t r0 = m * jb->a_mat;
-            row_int(jb, wrow, a->q + r0 * a->kp, a->d32 + r0 * (a->kp / 32), a->dbs + r0 * (a->kp / a->sub),
-                    res, q, acc);
-        } else {
-            row_float(jb, wrow, jb->x + m * jb->xs_mat, res, q, wf, acc);
-        }
+        const float *sums = a->dbs ? a->dbs + r0 * (a->kp / a->sub) : NULL;
+        if (jb->round_acts)
+            fi(jb, wrow, a->q + r0 * a->kp, a->d32 + r0 * (a->kp / 32), sums, res, q, acc);
+        else
+            ff(jb, wrow, jb->x + m * jb->xs_mat, sums, res, q, wf, acc);
         float *o = jb->out + m * R * N + n;
         for (int64_t r = 0; r < R; r++) o[r * N] = res[r];
     }
@@ -653,10 +767,23 @@ int qdot_mm(int type, int round_acts, const float *x, int64_t xs_mat, int64_t xs
     if (!ti || K <= 0 || K % ti->qk || n_mat <= 0 || R <= 0 || N <= 0) return -1;
     acts a = {0};
     int rc = 0;
+    a.kp = (K + 255) / 256 * 256;
+    a.sub = ti->sub;
+    if (!round_acts && ti->has_min && R <= FACTOR_ROWS) {  /* the sums of x per sub-block, for the mins */
+        int64_t n_rows = (xs_mat == 0 ? 1 : n_mat) * R, ns = a.kp / a.sub;
+        a.dbs = calloc((size_t)(n_rows * ns), sizeof(float));
+        if (!a.dbs) { rc = -2; goto out; }
+        for (int64_t i = 0; i < n_rows; i++) {
+            const float *xr = x + (i / R) * xs_mat + (i % R) * xs_row;
+            for (int64_t j = 0; j < K / a.sub; j++) {
+                float t = 0.0f;
+                for (int e = 0; e < a.sub; e++) t += xr[j * a.sub + e];
+                a.dbs[i * ns + j] = t;
+            }
+        }
+    }
     if (round_acts) {  /* round each distinct activation row once, here */
         int64_t n_rows = (xs_mat == 0 ? 1 : n_mat) * R;
-        a.kp = (K + 255) / 256 * 256;
-        a.sub = ti->sub;
         a.q = calloc((size_t)(n_rows * a.kp), 1);
         a.d32 = calloc((size_t)(n_rows * a.kp / 32), sizeof(float));
         a.dbs = calloc((size_t)(n_rows * a.kp / ti->sub), sizeof(float));
