@@ -57,8 +57,8 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[i
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode ``raw`` (the tensor's bytes, a 1-D uint8 tensor) into a new ``shape`` tensor of ``dtype``.
 
-    Runs on ``raw``'s device. The values are exactly gguf-py's (and llama.cpp's reference) float32
-    results, then cast to ``dtype``.
+    Runs on ``raw``'s device (on the CPU with the native decoder where it is built and knows the type).
+    The values are exactly gguf-py's (and llama.cpp's reference) float32 results, then cast to ``dtype``.
     """
     qtype = as_qtype(qtype)
     decode = DECODERS.get(qtype)
@@ -71,6 +71,10 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[i
     want = nbytes(qtype, shape)
     if raw.numel() != want:
         raise ValueError(f"{qtype.name} tensor of shape {shape} needs {want} bytes, got {raw.numel()}")
+    if raw.device.type == "cpu" and raw.dim() == 1:  # the native decoder: same bits, no torch temporaries
+        out = _cpu.dequantize_cpu(raw, qtype, prod(shape))
+        if out is not None:
+            return out.reshape(shape).to(dtype)
     if raw.storage_offset() % 4:  # float views of the bytes need aligned storage
         raw = raw.clone()
     blocks = raw.reshape(-1, block_size(qtype)[1])

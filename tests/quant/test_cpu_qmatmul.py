@@ -144,6 +144,19 @@ def test_threads_do_not_change_results(round_acts):
         assert torch.equal(_cpu.qbmm_cpu(x, raws, qtype, shape, round_acts, n_threads=threads), one)
 
 
+@pytest.mark.parametrize("round_acts", [False, True], ids=["float", "llama"])
+def test_many_rows_dequantise_and_multiply(round_acts):
+    qtype, shape = Q.Q4_K, (8, 256)
+    raw = weights(qtype, shape, seed=1)
+    x = acts((_cpu.MAX_ROWS + 1, 256), seed=0)
+    assert_close(quant.qmatmul(x, raw, qtype, shape, round_acts), reference(x, raw, qtype, shape, round_acts))
+    raws = [raw, weights(qtype, shape, seed=2)]
+    xx = acts((2, _cpu.MAX_ROWS + 1, 256), seed=1)
+    got = quant.qbmm(xx, raws, qtype, shape, round_acts)
+    for e in range(2):
+        assert_close(got[e], reference(xx[e], raws[e], qtype, shape, round_acts))
+
+
 @needs_native
 def test_too_many_rows_is_left_to_the_caller():
     shape = (8, 256)
