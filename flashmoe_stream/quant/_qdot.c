@@ -491,7 +491,8 @@ typedef struct {
     const acts *a;            /* int mode: the rounded rows; float mode: a->dbs holds the x sums per sub-block */
     int64_t a_mat;            /* rows of `a` between matrices (0: shared) */
     float *out;
-    int64_t begin, end;       /* flattened (matrix, row) range of this thread */
+    int64_t rows, grain;      /* flattened (matrix, row) count, and how many a thread takes at a time */
+    int64_t *next;            /* shared: the first row nobody has taken yet */
     int status;
 } job;
 
@@ -755,7 +756,14 @@ static void *run_job(void *arg) {
         jb->status = -2;
         goto done;
     }
-    for (int64_t i = jb->begin; i < jb->end; i++) {
+    /* rows are handed out a grain at a time, so a thread the OS delays does not hold up the others; each
+     * row is computed whole by whichever thread takes it, so the results do not depend on the split */
+    for (int64_t i = 0, i_end = 0;; i++) {
+        if (i == i_end) {
+            i = __atomic_fetch_add(jb->next, jb->grain, __ATOMIC_RELAXED);
+            if (i >= jb->rows) break;
+            i_end = i + jb->grain < jb->rows ? i + jb->grain : jb->rows;
+        }
         int64_t m = i / N, n = i % N, r0 = m * jb->a_mat;
         const uint8_t *wrow = jb->w[m] + n * row_bytes;
         const float *sums = a->dbs ? a->dbs + r0 * (a->kp / a->sub) : NULL;
@@ -827,18 +835,21 @@ int qdot_mm(int type, int round_acts, const float *x, int64_t xs_mat, int64_t xs
     job jobs[256];
     pthread_t tids[256];
     int started[256] = {0};
+    int64_t next = 0, grain = rows / (8 * (int64_t)n_threads);
+    if (grain < 1) grain = 1;
+    if (grain > 64) grain = 64;
     for (int t = 0; t < n_threads; t++) {
         job *jb = &jobs[t];
         jb->ti = ti; jb->round_acts = round_acts; jb->w = w;
         jb->N = N; jb->K = K; jb->R = R; jb->x = x; jb->xs_mat = xs_mat; jb->xs_row = xs_row;
         jb->a = &a; jb->a_mat = xs_mat == 0 ? 0 : R; jb->out = out;
-        jb->begin = rows * t / n_threads; jb->end = rows * (t + 1) / n_threads;
+        jb->rows = rows; jb->grain = grain; jb->next = &next;
         jb->status = -2;
     }
-    for (int t = 1; t < n_threads; t++)
+    for (int t = 1; t < n_threads; t++) {  /* the rows of a thread that did not start go to the others */
         started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
-    for (int t = 1; t < n_threads; t++)  /* a thread that did not start: its share runs here */
-        if (!started[t]) run_job(&jobs[t]);
+        if (!started[t]) jobs[t].status = 0;
+    }
     run_job(&jobs[0]);
     for (int t = 1; t < n_threads; t++)
         if (started[t]) pthread_join(tids[t], NULL);
