@@ -32,7 +32,10 @@ def cmd_bench_qmatmul(a: argparse.Namespace) -> int:
     from .quant import _cpu
     from .quant.bench import bench_qmatmul
 
-    rows = bench_qmatmul(rows=a.rows, n_experts=a.experts, threads=a.threads)
+    from gguf import GGMLQuantizationType
+
+    kw = {"types": [GGMLQuantizationType[t.strip().upper()] for t in a.types.split(",")]} if a.types else {}
+    rows = bench_qmatmul(rows=a.rows, n_experts=a.experts, threads=a.threads, **kw)
     info = {"native": _cpu.available(), "simd": _cpu.simd(), "threads": torch.get_num_threads(), "results": rows}
     if a.json:
         print(json.dumps(info, indent=2))
@@ -503,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=1, help="activation rows (tokens) per expert (default: 1, decode)")
     s.add_argument("--experts", type=int, default=8, help="experts per call (default: 8)")
     s.add_argument("--threads", type=int, help="torch/native threads (default: torch's)")
+    s.add_argument("--types", help="comma-separated ggml types (default: Q4_K,Q5_K,Q6_K,Q8_0,Q4_0,Q2_K,Q3_K)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_qmatmul)
     s = bench.add_parser("io", parents=[common], help="random whole-expert reads at queue depths 1-32 beside the disk's raw "
