@@ -81,6 +81,20 @@ def supported(qtype) -> bool:
     return lib is not None and bool(lib.qdot_supported(int(as_qtype(qtype))))
 
 
+_TYPES: dict = {}  # qtype → (number, elements per block, bytes per block), or None where not native (a memo)
+
+
+def _type_info(lib, qtype):
+    try:
+        return _TYPES[qtype]
+    except KeyError:
+        pass
+    t = as_qtype(qtype)
+    info = (int(t), *GGML_QUANT_SIZES[t]) if t in GGML_QUANT_SIZES and lib.qdot_supported(int(t)) else None
+    _TYPES[qtype] = info
+    return info
+
+
 def _check_raw(raw: torch.Tensor, qtype: GGMLQuantizationType, want: int) -> torch.Tensor:
     if raw.dtype != torch.uint8 or raw.dim() != 1:
         raise ValueError(f"raw bytes must be a 1-D uint8 tensor, got {raw.dtype} of shape {tuple(raw.shape)}")
@@ -102,33 +116,41 @@ def qbmm_cpu(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype, shape: Sequen
     lib = _lib()
     if lib is None:
         return None
-    qtype = as_qtype(qtype)
-    N, K = (int(s) for s in shape)
-    if not lib.qdot_supported(int(qtype)) or x.device.type != "cpu" or x.dim() != 3:
+    info = _type_info(lib, qtype)
+    if info is None or not x.is_cpu or x.dim() != 3:
         return None
+    code, per_block, block_bytes = info
+    N, K = (int(s) for s in shape)
     n, R = x.shape[0], x.shape[1]
     if n != len(raws) or x.shape[2] != K:
         raise ValueError(f"x {tuple(x.shape)} does not match {len(raws)} weights of shape {(N, K)}")
     if R > MAX_ROWS:
         return None
-    per_block, block_bytes = GGML_QUANT_SIZES[qtype]
     if K % per_block:
-        raise ValueError(f"{qtype.name} rows must be a multiple of {per_block} elements, got shape {(N, K)}")
+        raise ValueError(f"{as_qtype(qtype).name} rows must be a multiple of {per_block} elements, got shape {(N, K)}")
     want = N * (K // per_block) * block_bytes
-    raws = [_check_raw(r, qtype, want) for r in raws]
-    if any(r.device.type != "cpu" for r in raws):
-        return None
+    ptrs = (ctypes.c_void_p * max(n, 1))()
+    keep = []  # contiguous copies (if any) must outlive the call
+    for i, r in enumerate(raws):
+        if not r.is_cpu:
+            return None
+        if r.dtype != torch.uint8 or r.dim() != 1 or r.numel() != want:
+            _check_raw(r, as_qtype(qtype), want)  # raises with the reason
+        if r.stride(0) != 1 and r.numel() > 1:
+            r = r.contiguous()
+            keep.append(r)
+        ptrs[i] = r.data_ptr()  # any byte offset: the kernels need no alignment
     out = torch.empty(n, R, N, dtype=torch.float32)
     if n == 0 or R == 0 or N == 0:
         return out
-    x = x.float()
+    if x.dtype != torch.float32:
+        x = x.float()
     if x.stride(2) != 1:
         x = x.contiguous()
     xs_mat = x.stride(0) if n > 1 else 0
     xs_row = x.stride(1) if R > 1 else K
-    ptrs = (ctypes.c_void_p * n)(*(r.data_ptr() for r in raws))
     threads = torch.get_num_threads() if n_threads is None else int(n_threads)
-    rc = lib.qdot_mm(int(qtype), int(bool(round_acts)), x.data_ptr(), xs_mat, xs_row, ptrs, n, R, N, K,
+    rc = lib.qdot_mm(code, 1 if round_acts else 0, x.data_ptr(), xs_mat, xs_row, ptrs, n, R, N, K,
                      out.data_ptr(), threads)
     if rc == -2:
         raise MemoryError("native quantised matmul: out of memory or no thread could start")
