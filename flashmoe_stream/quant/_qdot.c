@@ -6,14 +6,17 @@
  *
  * Two numerics:
  *  - float (round_acts = 0): exact float32 activations times the dequantised weights, fp32 accumulation.
- *    Each weight block is decoded to the very float32 values of the reference dequantiser (scale * q then
- *    minus the min, as separate operations), then fused-multiply-added with the activations.
+ *    For up to FACTOR_ROWS activation rows each sub-block is sc_j * (x . q)_j - mn_j * (sum of x)_j (the
+ *    quants widened to float and fused-multiply-added with x); for more rows each weight chunk is decoded
+ *    once to the very float32 values of the reference dequantiser (sc * q, then minus the min) and shared.
  *  - llama.cpp (round_acts = 1): the activations are first rounded to 8-bit blocks the way llama.cpp's
  *    CPU backend does (Q8_K: 256 per block, iscale = -127/max, for the K-quants; Q8_0: 32 per block,
  *    fp16 d = amax/127, for Q8_0 and the 32-element legacy types), then each sub-block is an exact integer
  *    dot product of weight quants and activation quants, scaled in float32.
  *
- * The work is split over the rows of all matrices (n_mat * N of them) across n_threads pthreads.
+ * The rows of all matrices (n_mat * N of them) go to n_threads pthreads (started per call, a grain of rows
+ * at a time from a shared counter); every row is computed whole by one thread, so results do not depend on
+ * the thread count. No state survives a call: concurrent calls from several threads are safe.
  *
  * Written from the block layouts (ggml's block_q4_K etc.); every decoder turns one chunk of up to 256
  * weights into signed 8-bit quants q[], per-sub-block float scales sc[] and mins mn[] with
@@ -22,6 +25,8 @@
 #ifndef QDOT_NO_PYTHON  /* -DQDOT_NO_PYTHON: a plain C library (benchmarks, other hosts) */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h> /* first, as Python asks; only for the empty module init at the end */
+#else
+#define _POSIX_C_SOURCE 200809L /* posix_memalign */
 #endif
 #include <math.h>
 #include <pthread.h>
@@ -597,7 +602,7 @@ ALWAYS_INLINE void row_float_t(const job *jb, const uint8_t *wrow, const float *
             _mm256_store_ps(acc + 16 * r, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         }
 #else
-        (void)xsum; (void)has_min;
+        (void)xsum; (void)has_min; (void)kp; (void)ns;
         for (int i = 0; i < n; i++) wf[i] = (float)q[i] * sc[i / sub] - mn[i / sub];
         for (int64_t r = 0; r < R; r++) {
             const float *xr = x0 + r * jb->xs_row + k0;
