@@ -178,3 +178,19 @@ def test_native_dequantize_bit_identical(qtype):
     got = _cpu.dequantize_cpu(raw, qtype, shape[0] * shape[1])
     want = quant.dequantize(raw, qtype, shape).reshape(-1)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_native
+def test_concurrent_calls():
+    """ctypes releases the GIL: calls from several Python threads at once run together and stay correct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    qtype, shape = Q.Q6_K, (64, 512)
+    raws = [weights(qtype, shape, seed=e) for e in range(4)]
+    xs = [acts((4, 1, shape[1]), seed=s) for s in range(8)]
+    want = [_cpu.qbmm_cpu(x, raws, qtype, shape, round_acts=bool(i % 2)) for i, x in enumerate(xs)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda ix: _cpu.qbmm_cpu(ix[1], raws, qtype, shape, round_acts=bool(ix[0] % 2)),
+                            enumerate(xs * 4)))
+    for i, g in enumerate(got):
+        assert torch.equal(g, want[i % len(xs)])
