@@ -26,6 +26,32 @@ def _emit(obj: dict, as_json: bool, human: str) -> None:
     print(json.dumps(obj, indent=2) if as_json else human)
 
 
+def cmd_bench_qmatmul(a: argparse.Namespace) -> int:
+    import torch
+
+    from .quant import _cpu
+    from .quant.bench import bench_qmatmul
+
+    from gguf import GGMLQuantizationType
+
+    kw = {"types": [GGMLQuantizationType[t.strip().upper()] for t in a.types.split(",")]} if a.types else {}
+    rows = bench_qmatmul(rows=a.rows, n_experts=a.experts, threads=a.threads, **kw)
+    info = {"native": _cpu.available(), "simd": _cpu.simd(), "threads": torch.get_num_threads(), "results": rows}
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"native kernels: {'yes' if info['native'] else 'no'} (AVX2: {'yes' if info['simd'] else 'no'}), "
+              f"{info['threads']} threads; G weights/s, {a.experts} experts x T={a.rows}")
+        print(f"{'type':>5} {'proj':>8} {'N x K':>11} {'native':>8} {'native':>8} {'native':>9} {'torch':>9}")
+        print(f"{'':>5} {'':>8} {'':>11} {'float':>8} {'llama':>8} {'deq+bmm':>9} {'deq+bmm':>9}")
+        for r in rows:
+            cells = [r.get(k) for k in ("native_float_gw_s", "native_llama_gw_s", "native_dequant_bmm_gw_s",
+                                        "torch_dequant_bmm_gw_s")]
+            print(f"{r['type']:>5} {r['proj']:>8} {'%d x %d' % tuple(r['shape']):>11} "
+                  + " ".join(f"{c:8.2f}" if c is not None else f"{'-':>8}" for c in cells))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -475,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mib", type=int, default=64, help="MiB of quantised input per type (default: 64)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench_dequant)
+    s = bench.add_parser("qmatmul", parents=[common], help="quantised matmul throughput (native CPU kernels against "
+                                                           "dequantise + matmul), Qwen3-30B-A3B expert shapes")
+    s.add_argument("--rows", type=int, default=1, help="activation rows (tokens) per expert (default: 1, decode)")
+    s.add_argument("--experts", type=int, default=8, help="experts per call (default: 8)")
+    s.add_argument("--threads", type=int, help="torch/native threads (default: torch's)")
+    s.add_argument("--types", help="comma-separated ggml types (default: Q4_K,Q5_K,Q6_K,Q8_0,Q4_0,Q2_K,Q3_K)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench_qmatmul)
     s = bench.add_parser("io", parents=[common], help="random whole-expert reads at queue depths 1-32 beside the disk's raw "
                                     "sequential O_DIRECT bandwidth, measured in the same run")
     from .io.bench import add_arguments as bench_io_arguments

@@ -1,7 +1,10 @@
-"""ggml quantisation formats: sizes, dequantisation on any torch device, and random valid blocks.
+"""ggml quantisation formats: sizes, dequantisation on any torch device, quantised matmuls, and random
+valid blocks.
 
 ``dequantize`` is bit-identical to ``gguf.quants.dequantize`` (llama.cpp's reference dequantisers)
-for every type in ``SUPPORTED_TYPES``. ``random_blocks`` writes synthetic weights without quantising.
+for every type in ``SUPPORTED_TYPES``. ``qmatmul``/``qbmm`` multiply by quantised weights without
+materialising them where a native kernel exists (CPU: ``_qdot.c``), else dequantise and multiply.
+``random_blocks`` writes synthetic weights without quantising.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import UnsupportedError
+from . import _cpu
+from ._acts import act_rounding
 from ._formats import DECODERS, as_qtype
 from ._random import random_blocks
 
-__all__ = ["SUPPORTED_TYPES", "block_size", "dequantize", "nbytes", "random_blocks"]
+__all__ = ["SUPPORTED_TYPES", "act_rounding", "block_size", "dequantize", "nbytes", "qbmm", "qmatmul",
+           "random_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +57,8 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[i
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode ``raw`` (the tensor's bytes, a 1-D uint8 tensor) into a new ``shape`` tensor of ``dtype``.
 
-    Runs on ``raw``'s device. The values are exactly gguf-py's (and llama.cpp's reference) float32
-    results, then cast to ``dtype``.
+    Runs on ``raw``'s device (on the CPU with the native decoder where it is built and knows the type).
+    The values are exactly gguf-py's (and llama.cpp's reference) float32 results, then cast to ``dtype``.
     """
     qtype = as_qtype(qtype)
     decode = DECODERS.get(qtype)
@@ -65,6 +71,10 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[i
     want = nbytes(qtype, shape)
     if raw.numel() != want:
         raise ValueError(f"{qtype.name} tensor of shape {shape} needs {want} bytes, got {raw.numel()}")
+    if raw.device.type == "cpu" and raw.dim() == 1:  # the native decoder: same bits, no torch temporaries
+        out = _cpu.dequantize_cpu(raw, qtype, prod(shape))
+        if out is not None:
+            return out.reshape(shape).to(dtype)
     if raw.storage_offset() % 4:  # float views of the bytes need aligned storage
         raw = raw.clone()
     blocks = raw.reshape(-1, block_size(qtype)[1])
@@ -99,6 +109,50 @@ def _fused(qtype: GGMLQuantizationType, dtype: torch.dtype):
         except Exception:  # noqa: BLE001 - torch.compile unavailable in this build
             _FUSED[key] = None
     return _FUSED[key]
+
+
+# --- matmuls by quantised weights ------------------------------------------------------------------
+# One function each, two implementations: a native kernel where one serves the call (it returns None
+# where it cannot), else dequantise + matmul. Both compute the same function in float32:
+#   round_acts=False: x @ W.T with W = dequantize(raw, qtype, shape), x as given;
+#   round_acts=True:  act_rounding(qtype)(x) @ W.T, the activations rounded as llama.cpp's CPU backend does.
+
+
+def _rounded(x: torch.Tensor, qtype: GGMLQuantizationType, round_acts: bool) -> torch.Tensor:
+    x = x.float()
+    act = act_rounding(qtype) if round_acts else None
+    return x if act is None else act(x)
+
+
+def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[int],
+            round_acts: bool = False) -> torch.Tensor:
+    """``x`` [..., K] times the quantised weight [N, K] whose blocks are ``raw`` (1-D uint8): [..., N] float32.
+
+    ``round_acts``: round the activations first as llama.cpp's CPU backend does for ``qtype``.
+    """
+    qtype = as_qtype(qtype)
+    if x.device.type == "cpu":
+        out = _cpu.qmatmul_cpu(x, raw, qtype, shape, round_acts)
+        if out is not None:
+            return out
+    return _rounded(x, qtype, round_acts) @ dequantize(raw, qtype, shape).T
+
+
+def qbmm(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype: GGMLQuantizationType, shape: Sequence[int],
+         round_acts: bool = False) -> torch.Tensor:
+    """``x`` [n, R, K] times n quantised weights [N, K] (``raws[i]``: weight i's blocks, all of ``qtype`` and
+    ``shape``): [n, R, N] float32, out[i] = x[i] @ W_i.T. On the CPU one native call runs all n.
+
+    ``round_acts``: round the activations first as llama.cpp's CPU backend does for ``qtype``.
+    """
+    qtype = as_qtype(qtype)
+    if x.device.type == "cpu":
+        out = _cpu.qbmm_cpu(x, raws, qtype, shape, round_acts)
+        if out is not None:
+            return out
+    raw = raws[0] if len(raws) == 1 else torch.cat(list(raws))
+    w = dequantize(raw, qtype, (len(raws), *shape))
+    return torch.bmm(_rounded(x, qtype, round_acts), w.transpose(1, 2))
 
 
 # fused dequantise-multiply (GPUs) and the weight type that uses it; imported last: they use the above

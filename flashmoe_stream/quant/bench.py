@@ -1,4 +1,5 @@
-"""Dequantisation throughput per ggml type on one device (``flashmoe bench dequant``)."""
+"""Dequantisation throughput per ggml type on one device (``flashmoe bench dequant``), and the quantised
+matmuls against dequantise + matmul (``flashmoe bench qmatmul``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import time
 import numpy as np
 import torch
 
-from . import SUPPORTED_TYPES, block_size, dequantize, random_blocks
+from gguf import GGMLQuantizationType as Q
+
+from . import SUPPORTED_TYPES, _cpu, block_size, dequantize, random_blocks
+from ._formats import DECODERS
 
 
 def _sync(device: torch.device) -> None:
@@ -68,6 +72,65 @@ def bench_random_blocks(mib: int = 256, repeat: int = 3) -> list[dict]:
         rows.append({"type": qtype.name, "mib_out": round(out.nbytes / 2**20, 2), "ms": round(min(times) * 1e3, 3),
                      "gb_per_s": out.nbytes / min(times) / 1e9})
     return rows
+
+
+# Qwen3-30B-A3B's experts, as (N, K) = (out, in): gate and up 768 x 2048, down 2048 x 768; 8 used per token.
+QWEN3_30B_A3B = {"gate_up": (768, 2048), "down": (2048, 768)}
+QMATMUL_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K)
+
+
+def _median_s(fn, repeat: int, min_s: float = 0.2) -> float:
+    """Median seconds of one ``fn()`` call, over ``repeat`` timings of at least ``min_s`` each."""
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-6)
+    inner = max(1, int(min_s / once))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def _torch_dequant_bmm(x: torch.Tensor, raws: list, qtype, shape) -> torch.Tensor:
+    """What models/common.py did before the native kernels: torch's elementwise decoders, then bmm."""
+    per_block, block_bytes = block_size(qtype)
+    blocks = torch.cat(raws).reshape(-1, block_bytes)
+    w = DECODERS[qtype](blocks).reshape(len(raws), *shape)
+    return torch.bmm(x, w.transpose(1, 2))
+
+
+def bench_qmatmul(types=QMATMUL_TYPES, rows: int = 1, n_experts: int = 8, repeat: int = 5,
+                  threads: int | None = None) -> list[dict]:
+    """G weights/s of one qbmm call over ``n_experts`` random experts of Qwen3-30B-A3B's shapes (T = ``rows``
+    activation rows each), per type and shape: the native kernel (float activations, and llama.cpp's rounded
+    ones) against dequantise + bmm with torch's decoders (the previous path) and with the native decoder."""
+    rng = np.random.default_rng(0)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = []
+    for qtype in types:
+        for name, shape in QWEN3_30B_A3B.items():
+            N, K = shape
+            raws = [torch.from_numpy(random_blocks(qtype, N * K, 0.02, rng)) for _ in range(n_experts)]
+            x = torch.randn(n_experts, rows, K)
+            n_w = n_experts * N * K
+            row = {"type": qtype.name, "proj": name, "shape": [N, K], "experts": n_experts, "rows": rows,
+                   "mib": round(sum(r.numel() for r in raws) / 2**20, 2)}
+            if _cpu.supported(qtype):
+                for mode, round_acts in (("native_float", False), ("native_llama", True)):
+                    t = _median_s(lambda: _cpu.qbmm_cpu(x, raws, qtype, shape, round_acts), repeat)
+                    row[f"{mode}_gw_s"] = n_w / t / 1e9
+                t = _median_s(lambda: torch.bmm(x, _cpu.dequantize_cpu(torch.cat(raws), qtype, n_w)
+                                                .reshape(n_experts, N, K).transpose(1, 2)), repeat)
+                row["native_dequant_bmm_gw_s"] = n_w / t / 1e9
+            t = _median_s(lambda: _torch_dequant_bmm(x, raws, qtype, shape), max(1, repeat // 2), min_s=0.05)
+            row["torch_dequant_bmm_gw_s"] = n_w / t / 1e9
+            out.append(row)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
