@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..quant import QTensor, dequantize, fused_gemv_pairs, fused_supported
+from ..quant import (NATIVE_ROWS, QTensor, act_rounding, as_qtype, dequantize, fused_gemv_pairs, fused_supported,
+                     qbmm)
 
 
 # --- llama.cpp's numerics ------------------------------------------------------------------------
@@ -21,42 +22,12 @@ from ..quant import QTensor, dequantize, fused_gemv_pairs, fused_supported
 # the activations to the weight type's partner format (8-bit blocks with an fp16 or f32 scale, or
 # fp16/bf16), then take integer dot products. Rounding the activations the same way here makes our
 # logits agree with llama.cpp's to float-summation order instead of to ~1 %, so a near-tie in the
-# expert choice goes the same way. `act_for(qtype)` is that rounding for one weight type.
-
-_Q8_0_PARTNER = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4"}
-_Q8_K_PARTNER = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
-
-
-def _round_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """As quantize_row_q8_0: blocks of 32, d = amax/127 stored as fp16, q = round(x/d)."""
-    xb = x.float().reshape(*x.shape[:-1], -1, 32)
-    d = xb.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-    return (torch.round(xb * inv) * d.half().float()).reshape(x.shape)
-
-
-def _round_q8_k(x: torch.Tensor) -> torch.Tensor:
-    """As quantize_row_q8_K: blocks of 256, iscale = -127/max (max: the signed value of largest |x|)."""
-    xb = x.float().reshape(*x.shape[:-1], -1, 256)
-    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
-    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
-    q = torch.round(iscale * xb).clamp(max=127)
-    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
-    return (q * d).reshape(x.shape)
+# expert choice goes the same way. `act_for(qtype)` is that rounding for one weight type (quant's rules).
 
 
 def act_for(qtype) -> "Callable[[torch.Tensor], torch.Tensor] | None":
     """How llama.cpp's CPU backend rounds the activations that meet a weight of ``qtype`` (None: not at all)."""
-    name = getattr(qtype, "name", str(qtype))
-    if name in _Q8_0_PARTNER:
-        return _round_q8_0
-    if name in _Q8_K_PARTNER:
-        return _round_q8_k
-    if name == "F16":
-        return lambda x: x.half().float()
-    if name == "BF16":
-        return lambda x: x.bfloat16().float()
-    return None
+    return act_rounding(as_qtype(qtype))
 
 
 def mm(x: torch.Tensor, w: torch.Tensor | QTensor, act) -> torch.Tensor:
@@ -256,7 +227,7 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
             pos[j, : c[j]] = order[s[j]: s[j] + c[j]]
         pos_t = torch.from_numpy(pos).to(dev, non_blocking=True)
         rows = torch.where(pos_t < T * k, pos_t // k, T)
-        y = _expert_group(hd_pad[rows], got, dtype, llama_numerics)  # [size, max_count, n_embd]
+        y = _expert_group(hd_pad[rows], got, dtype, llama_numerics, c)  # [size, max_count, n_embd]
         y = y.float() * w_pad[pos_t].unsqueeze(-1)
         out.index_add_(0, rows.reshape(-1), y.reshape(-1, y.shape[-1]))
         start += size
@@ -308,11 +279,14 @@ def _fused_experts(hd: torch.Tensor, weights: torch.Tensor, flat: np.ndarray, ne
     return (y.view(T, k, -1) * weights.float().unsqueeze(-1)).sum(1)
 
 
-def _expert_group(x: torch.Tensor, got: list, dtype: torch.dtype, llama_numerics: bool) -> torch.Tensor:
-    """SwiGLU of several experts at once: x [n, rows, n_embd] → [n, rows, n_embd]; ``got`` holds each
-    expert's raw GGML blocks (from the cache)."""
+def _expert_group(x: torch.Tensor, got: list, dtype: torch.dtype, llama_numerics: bool,
+                  counts: np.ndarray) -> torch.Tensor:
+    """SwiGLU of several experts at once: x [n, rows, n_embd] → [n, rows, n_embd] (expert j's first
+    ``counts[j]`` rows are real, the rest padding); ``got`` holds each expert's raw GGML blocks (from the cache)."""
     def proj(h: torch.Tensor, name: str) -> torch.Tensor:
         blocks = [e.blocks[name] for e in got]
+        if h.device.type == "cpu":
+            return _cpu_proj(h, [b.data for b in blocks], blocks[0], counts, llama_numerics).to(dtype)
         w = _stacked(blocks, dtype)  # [n, out, in]
         act = act_for(blocks[0].qtype) if llama_numerics else None
         if act is not None:
@@ -320,6 +294,18 @@ def _expert_group(x: torch.Tensor, got: list, dtype: torch.dtype, llama_numerics
         return torch.bmm(h, w.transpose(1, 2))
 
     return proj(F.silu(proj(x, "gate")) * proj(x, "up"), "down")
+
+
+def _cpu_proj(h: torch.Tensor, raws: list, b0, counts: np.ndarray, round_acts: bool) -> torch.Tensor:
+    """One projection of several experts on the CPU through qbmm (native kernels for up to
+    NATIVE_ROWS rows an expert). Which kernel serves an expert depends on its own row count only, never
+    on the padding its group gives it, so the logits do not depend on how the cache groups the experts."""
+    if h.shape[1] <= NATIVE_ROWS:
+        return qbmm(h, raws, b0.qtype, b0.shape, round_acts=round_acts)
+    out = h.new_zeros(h.shape[0], h.shape[1], b0.shape[0], dtype=torch.float32)
+    for j, n in enumerate(counts.tolist()):
+        out[j, :n] = qbmm(h[j: j + 1, :n], raws[j: j + 1], b0.qtype, b0.shape, round_acts=round_acts)[0]
+    return out
 
 
 def moe(x: torch.Tensor, w: MoEWeights, layer: int, experts: ExpertSource, n_used: int, norm_topk: bool,

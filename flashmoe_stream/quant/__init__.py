@@ -159,4 +159,7 @@ def qbmm(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype: GGMLQuantizationT
 from ._qtensor import QTensor  # noqa: E402
 from ._triton import gemv_pairs as fused_gemv_pairs, supports as fused_supported  # noqa: E402
 
-__all__ += ["QTensor", "fused_gemv_pairs", "fused_supported"]
+NATIVE_ROWS = _cpu.MAX_ROWS  # rows of x up to which qmatmul/qbmm use the native CPU kernels
+
+
+__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_supported"]

@@ -2,7 +2,7 @@
 
 Its CPU kernels never multiply float activations by quantised weights: the activations are first
 rounded to the weight type's partner format (8-bit blocks with an fp16 scale (Q8_0) or a float32 one
-(Q8_K), or fp16/bf16), then integer dot products are taken. Same rules as models/common.py's act_for.
+(Q8_K), or fp16/bf16), then integer dot products are taken. models/common.py's act_for is this.
 """
 
 from __future__ import annotations

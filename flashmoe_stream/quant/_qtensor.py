@@ -1,7 +1,8 @@
 """QTensor: a 2-D weight kept on its device in its GGML blocks, multiplied without a dequantised copy.
 
 A decode step multiplies a few rows by every weight once: on GPUs a fused kernel reads the blocks
-directly (``_triton``); anywhere else, or for many rows (a prompt), the weight is dequantised on use.
+directly (``_triton``), on the CPU a native one (``_qdot.c``, through ``qmatmul``); for many rows (a
+prompt), or where no kernel takes the type, the weight is dequantised on use.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class QTensor:
         if self.fused and 0 < T <= FUSED_ROWS:
             offs, xrows = self._pair_tables(T)
             y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape).to(self.dtype)
+        elif self.device.type == "cpu":
+            from . import qmatmul
+
+            y = qmatmul(x2, self.raw, self.qtype, self.shape).to(self.dtype)  # native, or dequantise + matmul
         else:
             y = x2.to(self.dtype) @ self.dequantize().T
         return y.view(*lead, N)

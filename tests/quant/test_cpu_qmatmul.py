@@ -13,7 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from flashmoe_stream import quant
-from flashmoe_stream.models.common import _round_q8_0, _round_q8_k
+from flashmoe_stream.quant._acts import round_q8_0 as _round_q8_0, round_q8_k as _round_q8_k
 from flashmoe_stream.quant import _cpu
 
 NO_NATIVE = os.environ.get("FLASHMOE_NO_NATIVE", "0") == "1"
