@@ -166,6 +166,7 @@ class ExpertCache:
         self._prefetched: set[Key] = set()  # brought in by prefetch, not requested yet
         self._pinned: set[Key] = set()
         self._pin_layer: int | None = None
+        self._started: dict[Key, bool] = {}  # counted and pinned by start(), not yet taken by get(): was it a miss
         self._stats: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(_COUNTERS + ("wait_s",), 0))
         self._closed = False
         self._prefetch_on = prefetch
@@ -194,65 +195,104 @@ class ExpertCache:
         ids = [int(e) for e in ids]
         uniq = list(dict.fromkeys(ids))
         self._check(layer, uniq)
-        nb = self._dev_nbytes[layer]
         t0 = time.perf_counter()
-        missed: list[Key] = []
         with self._lock:
-            if self._closed:
-                raise FlashMoeError("ExpertCache is closed")
-            if layer != self._pin_layer:
-                self._release_locked()
-                self._pin_layer = layer
-            new = [(layer, e) for e in uniq if (layer, e) not in self._pinned]
-            if (len(self._pinned) + len(new)) * nb > self._dev.budget:
-                raise BudgetError(
-                    f"layer {layer} needs {len(self._pinned) + len(new)} experts of {nb:,} bytes on the device at "
-                    f"once ({(len(self._pinned) + len(new)) * nb:,} bytes) but device_budget is "
-                    f"{self._dev.budget:,} bytes: raise device_budget or ask for fewer experts per get()")
-            for key in new:
-                self._dev.pin(key)
-                self._pinned.add(key)
-            st = self._stats[layer]
-            for e in uniq:
-                key = (layer, e)
-                st["requests"] += 1
-                if key in self._prefetched:
-                    self._prefetched.discard(key)
-                    st["prefetch_useful"] += 1
-                if key in self._dev:
-                    st["device_hits"] += 1
-                    self._dev.access(key)
-                else:
-                    st["device_misses"] += 1
+            missed = self._account(layer, uniq)
+        waited = self._wait(missed)
+        with self._lock:
+            if waited:
+                self._stats[layer]["wait_s"] += time.perf_counter() - t0
+            return [self._dev.value((layer, e)) for e in ids]
+
+    def start(self, layer: int, ids: Iterable[int]) -> list[int]:
+        """get() in two halves, the first now: ``ids`` are pinned and counted as get() counts them, the reads
+        of those not on the device begin, and those are returned; never blocks on I/O. The get() of each that
+        follows (same layer, before any other layer's) only waits for its own read, so a caller that takes
+        the experts one at a time, the resident ones first, computes with each while the rest are read."""
+        uniq = list(dict.fromkeys(int(e) for e in ids))
+        self._check(layer, uniq)
+        with self._lock:
+            missed = self._account(layer, uniq)
+            to_read = self._loads(missed)
+            self._started.update({(layer, e): False for e in uniq})
+            self._started.update({key: True for key in missed})
+        for load in to_read:
+            self._submit_read(load)
+        return [e for _, e in missed]
+
+    def _account(self, layer: int, uniq: list[int]) -> list[Key]:
+        """Under the lock: pin ``uniq`` and count the requests, hits and misses (the keys started() already
+        counted are not counted again); the keys still to wait for, in order."""
+        if self._closed:
+            raise FlashMoeError("ExpertCache is closed")
+        nb = self._dev_nbytes[layer]
+        if layer != self._pin_layer:
+            self._release_locked()
+            self._pin_layer = layer
+        new = [(layer, e) for e in uniq if (layer, e) not in self._pinned]
+        if (len(self._pinned) + len(new)) * nb > self._dev.budget:
+            raise BudgetError(
+                f"layer {layer} needs {len(self._pinned) + len(new)} experts of {nb:,} bytes on the device at "
+                f"once ({(len(self._pinned) + len(new)) * nb:,} bytes) but device_budget is "
+                f"{self._dev.budget:,} bytes: raise device_budget or ask for fewer experts per get()")
+        for key in new:
+            self._dev.pin(key)
+            self._pinned.add(key)
+        st = self._stats[layer]
+        missed: list[Key] = []
+        for e in uniq:
+            key = (layer, e)
+            if key in self._started:  # counted by start(); a miss's use is counted once it has arrived
+                if self._started.pop(key):
+                    self._started[key] = True
                     missed.append(key)
+                continue
+            st["requests"] += 1
+            if key in self._prefetched:
+                self._prefetched.discard(key)
+                st["prefetch_useful"] += 1
+            if key in self._dev:
+                st["device_hits"] += 1
+                self._dev.access(key)
+            else:
+                st["device_misses"] += 1
+                missed.append(key)
+        return missed
+
+    def _loads(self, missed: list[Key]) -> list[_Load]:
+        """Under the lock: the loads ``missed`` wait on (started where there is none); those to be read."""
+        to_read = []
+        for key in missed:
+            if key in self._dev:
+                continue
+            load = self._inflight.get(key) or self._start(key, demand=True)
+            load.demand = True
+            if not load.issued:
+                load.issued = True
+                to_read.append(load)
+        return to_read
+
+    def _wait(self, missed: list[Key]) -> bool:
+        """Wait until every key of ``missed`` is on the device (re-reading any evicted meanwhile); whether it
+        had to wait."""
         waited = False
         while missed:
-            to_read, waits = [], []
             with self._lock:
                 if self._closed:
                     raise FlashMoeError("ExpertCache is closed")
-                for key in missed:
-                    if key in self._dev:
-                        continue
-                    load = self._inflight.get(key) or self._start(key, demand=True)
-                    load.demand = True
-                    if not load.issued:
-                        load.issued = True
-                        to_read.append(load)
-                    waits.append(load)
+                to_read = self._loads(missed)
+                waits = [self._inflight[key] for key in missed if key not in self._dev]
                 if not waits:
                     for key in missed:  # the use that caused the load
                         self._dev.access(key)
+                        self._started.pop(key, None)
                     break
             for load in to_read:
                 self._submit_read(load)
             for load in waits:
                 load.future.result()
             waited = True
-        with self._lock:
-            if waited:
-                self._stats[layer]["wait_s"] += time.perf_counter() - t0
-            return [self._dev.value((layer, e)) for e in ids]
+        return waited
 
     def prefetch(self, layer: int, ids: Iterable[int]) -> None:
         """Start loading experts ``ids`` of ``layer`` toward the device in the background; returns at once."""
@@ -310,6 +350,7 @@ class ExpertCache:
         for key in self._pinned:
             self._dev.unpin(key)
         self._pinned.clear()
+        self._started.clear()
         self._lock.notify_all()
 
     def _start(self, key: Key, demand: bool) -> _Load:

@@ -241,12 +241,14 @@ def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict:
     """Every non-expert tensor onto the device: on GPUs the matrices in their GGML blocks (QTensor) where
     a fused kernel multiplies them in place, else dequantised once (norms and routers in float32).
 
-    On the CPU they are dequantised once: with llama.cpp's activation rounding, a last-bit change in a
-    matmul moves an 8-bit rounding and, through it, a near-tie of a random router; the native kernels'
-    summation order moved the synthetic fixtures' agreement with llama.cpp from 1.2 % to 7 % of the logit
-    range (the trained models' did not move). Kept quantised there is a follow-up (docs/BENCHMARKS.md)."""
+    On the CPU only the embedding table and the output head stay quantised (native kernels; the head
+    feeds nothing but the logits, the table is only looked up), the rest is dequantised once: with
+    llama.cpp's activation rounding, a last-bit change in a matmul moves an 8-bit rounding and, through
+    it, a near-tie of a random router; the native kernels' summation order in attention moved the
+    synthetic fixtures' agreement with llama.cpp from 1.2 % to 7 % of the logit range (the trained
+    models' did not move). Attention kept quantised there is a follow-up (docs/BENCHMARKS.md)."""
     from ..model_info import expert_tensor_layer
-    from ..quant import QTensor, dequantize, fused_supported
+    from ..quant import QTensor, dequantize, fused_supported, native_supported
 
     out = {}
     for name, t in model.tensors.items():
@@ -254,7 +256,8 @@ def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict:
             continue
         raw = torch.from_numpy(model.tensor_bytes(name).copy()).to(dev)
         keep_f32 = len(t.shape) == 1 or name.endswith("ffn_gate_inp.weight")
-        if not keep_f32 and len(t.shape) == 2 and fused_supported(t.qtype, dev):
+        cpu_ok = dev.type == "cpu" and name in ("output.weight", "token_embd.weight") and native_supported(t.qtype)
+        if not keep_f32 and len(t.shape) == 2 and (fused_supported(t.qtype, dev) or cpu_ok):
             out[name] = QTensor(raw, t.qtype, t.shape, dtype)
         else:
             out[name] = dequantize(raw, t.qtype, t.shape, torch.float32 if keep_f32 else dtype)

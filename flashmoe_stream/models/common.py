@@ -202,15 +202,23 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     if T * k <= FUSED_PAIRS and fused_supported_for(experts, layer, dev) and \
             len(needed) <= (experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)):
         return _fused_experts(hd, weights, flat, needed, experts.get(layer, needed.tolist()), llama_numerics)
+    # on the CPU a decode step reads all its missing experts at once and computes with each as it arrives
+    # (those already resident first), so the compute of one expert hides the reads of the others
+    pipelined = dev.type == "cpu" and hasattr(experts, "start") and T * k <= FUSED_PAIRS and \
+        len(needed) <= experts.capacity(layer)  # all of them pinned at once
+    if pipelined:
+        missing = set(experts.start(layer, needed.tolist()))
+        first = np.argsort([int(e) in missing for e in needed], kind="stable")
+        needed, starts, counts = needed[first], starts[first], counts[first]
     out = torch.zeros(T + 1, hd.shape[1], dtype=torch.float32, device=dev)  # row T: where padding lands
     hd_pad = torch.cat([hd, hd.new_zeros(1, hd.shape[1])])
     w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
     cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
     budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
     fits = None  # experts whose dequantised weights fit the budget at once: known after the first get
-    start = 0
+    start, done = 0, []  # done: (first expert id, rows, outputs) of the groups computed, not yet added
     while start < len(needed):
-        size = min(fits or len(needed), cap, len(needed) - start)
+        size = 1 if pipelined else min(fits or len(needed), cap, len(needed) - start)
         group = needed[start: start + size].tolist()
         got = experts.get(layer, group)
         if fits is None:
@@ -229,11 +237,20 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
         rows = torch.where(pos_t < T * k, pos_t // k, T)
         y = _expert_group(hd_pad[rows], got, dtype, llama_numerics, c)  # [size, max_count, n_embd]
         y = y.float() * w_pad[pos_t].unsqueeze(-1)
-        out.index_add_(0, rows.reshape(-1), y.reshape(-1, y.shape[-1]))
+        done.append((group[0], rows, y))
+        if not pipelined:
+            _add(out, done)
         start += size
-        if start < len(needed) and hasattr(experts, "release"):
+        if start < len(needed) and not pipelined and hasattr(experts, "release"):
             experts.release()  # the next group's get may need the room
+    _add(out, sorted(done, key=lambda d: d[0]))  # by expert id: the sums' order does not depend on the budget
     return out[:T]
+
+
+def _add(out: torch.Tensor, done: list) -> None:
+    for _, rows, y in done:
+        out.index_add_(0, rows.reshape(-1), y.reshape(-1, y.shape[-1]))
+    done.clear()
 
 
 FUSED_PAIRS = 64  # (row, expert) pairs up to which a GPU runs the fused kernels (a decode step, a few slots)

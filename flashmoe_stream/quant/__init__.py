@@ -160,6 +160,7 @@ from ._qtensor import QTensor  # noqa: E402
 from ._triton import gemv_pairs as fused_gemv_pairs, supports as fused_supported  # noqa: E402
 
 NATIVE_ROWS = _cpu.MAX_ROWS  # rows of x up to which qmatmul/qbmm use the native CPU kernels
+native_supported = _cpu.supported  # whether the native CPU kernels take a type (and are built)
 
 
-__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_supported"]
+__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_supported", "native_supported"]
