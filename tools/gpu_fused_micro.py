@@ -11,7 +11,7 @@ from flashmoe_stream import quant
 dev = torch.device("cuda")
 a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
 b = torch.empty_like(a)
-copy_ms = tt.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+copy_ms = tt.do_bench(lambda a=a, b=b: b.copy_(a), warmup=50, rep=300, return_mode="median")
 copy_bw = 2 * (1 << 30) / copy_ms / 1e6  # GB/s, read + write
 del a, b
 res = {"copy_gb_s": round(copy_bw, 1), "cases": []}

@@ -167,6 +167,7 @@ class ExpertCache:
         self._pinned: set[Key] = set()
         self._pin_layer: int | None = None
         self._started: dict[Key, bool] = {}  # counted and pinned by start(), not yet taken by get(): was it a miss
+        self._uses: list[Key] = []  # start()'s misses taken by get(), their use not yet told to the policy
         self._stats: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(_COUNTERS + ("wait_s",), 0))
         self._closed = False
         self._prefetch_on = prefetch
@@ -284,8 +285,10 @@ class ExpertCache:
                 waits = [self._inflight[key] for key in missed if key not in self._dev]
                 if not waits:
                     for key in missed:  # the use that caused the load
-                        self._dev.access(key)
-                        self._started.pop(key, None)
+                        if self._started.pop(key, None):  # start()'s: once all its keys are in (see release)
+                            self._uses.append(key)
+                        else:
+                            self._dev.access(key)
                     break
             for load in to_read:
                 self._submit_read(load)
@@ -347,10 +350,16 @@ class ExpertCache:
             self.store.layout(layer, e)  # a StoreError naming the valid range
 
     def _release_locked(self) -> None:
+        # the uses of the keys start() loaded, in the order taken: after every load of the layer is in, as
+        # one get() of them all would have counted them (so policies see what the simulator replays)
+        for key in self._uses:
+            if key in self._dev:
+                self._dev.access(key)
+        self._uses.clear()
+        self._started.clear()
         for key in self._pinned:
             self._dev.unpin(key)
         self._pinned.clear()
-        self._started.clear()
         self._lock.notify_all()
 
     def _start(self, key: Key, demand: bool) -> _Load:

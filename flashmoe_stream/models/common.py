@@ -199,13 +199,13 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     flat = ids.reshape(-1).cpu().numpy()  # the one host sync: the cache needs the ids
     order = np.argsort(flat, kind="stable")
     needed, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
-    if T * k <= FUSED_PAIRS and fused_supported_for(experts, layer, dev) and \
-            len(needed) <= (experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)):
+    cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
+    few = T * k <= FUSED_PAIRS and len(needed) <= cap  # a decode step (or a few): all its experts pinned at once
+    if few and fused_supported_for(experts, layer, dev):
         return _fused_experts(hd, weights, flat, needed, experts.get(layer, needed.tolist()), llama_numerics)
-    # on the CPU a decode step reads all its missing experts at once and computes with each as it arrives
+    # on the CPU such a step reads all its missing experts at once and computes with each as it arrives
     # (those already resident first), so the compute of one expert hides the reads of the others
-    pipelined = dev.type == "cpu" and hasattr(experts, "start") and T * k <= FUSED_PAIRS and \
-        len(needed) <= experts.capacity(layer)  # all of them pinned at once
+    pipelined = few and dev.type == "cpu" and hasattr(experts, "start")
     if pipelined:
         missing = set(experts.start(layer, needed.tolist()))
         first = np.argsort([int(e) in missing for e in needed], kind="stable")
@@ -213,7 +213,6 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     out = torch.zeros(T + 1, hd.shape[1], dtype=torch.float32, device=dev)  # row T: where padding lands
     hd_pad = torch.cat([hd, hd.new_zeros(1, hd.shape[1])])
     w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
-    cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
     budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
     fits = None  # experts whose dequantised weights fit the budget at once: known after the first get
     start, done = 0, []  # done: (first expert id, rows, outputs) of the groups computed, not yet added

@@ -484,6 +484,22 @@ static inline __m256 idot32(__m256i w, __m256i a, int is_unsigned) {
     else p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
+
+/* m8 (8 lane sums) += the ns sub-block mins times their activation sums xs; mn0/mn1: mn[0..15] as vectors */
+static inline void add_mins(float *m8, __m256 mn0, __m256 mn1, const float *mn, const float *xs, int ns) {
+    __m256 m = _mm256_load_ps(m8);
+    if (ns == 16) {
+        m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(xs), m);
+        m = _mm256_fmadd_ps(mn1, _mm256_loadu_ps(xs + 8), m);
+    } else if (ns == 8) {
+        m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(xs), m);
+    } else {
+        float t = 0.0f;
+        for (int j = 0; j < ns; j++) t += mn[j] * xs[j];
+        m = _mm256_add_ps(m, _mm256_setr_ps(t, 0, 0, 0, 0, 0, 0, 0));
+    }
+    _mm256_store_ps(m8, m);
+}
 #endif
 
 typedef struct {
@@ -538,21 +554,7 @@ ALWAYS_INLINE void row_float_t(const job *jb, const uint8_t *wrow, const float *
                     if (j + 1 < ns) a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(sc[j + 1]), a1);
                 }
                 _mm256_store_ps(acc + 16 * r, _mm256_add_ps(a0, a1));
-                if (has_min) {
-                    const float *xs = xsum + r * (kp / sub) + k0 / sub;
-                    __m256 m = _mm256_load_ps(acc + 16 * r + 8);
-                    if (ns == 16) {
-                        m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(xs), m);
-                        m = _mm256_fmadd_ps(mn1, _mm256_loadu_ps(xs + 8), m);
-                    } else if (ns == 8) {
-                        m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(xs), m);
-                    } else {
-                        float t = 0.0f;
-                        for (int j = 0; j < ns; j++) t += mn[j] * xs[j];
-                        m = _mm256_add_ps(m, _mm256_setr_ps(t, 0, 0, 0, 0, 0, 0, 0));
-                    }
-                    _mm256_store_ps(acc + 16 * r + 8, m);
-                }
+                if (has_min) add_mins(acc + 16 * r + 8, mn0, mn1, mn, xsum + r * (kp / sub) + k0 / sub, ns);
             }
             continue;
         }
@@ -669,20 +671,7 @@ ALWAYS_INLINE void row_int_t(const job *jb, const uint8_t *wrow, const int8_t *a
                 acc0 = _mm256_add_ps(acc0, b0);
             }
             _mm256_store_ps(acc + 16 * r, acc0);
-            if (has_min) {
-                __m256 m = _mm256_load_ps(acc + 16 * r + 8);
-                if (ns == 16) {
-                    m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(as), m);
-                    m = _mm256_fmadd_ps(mn1, _mm256_loadu_ps(as + 8), m);
-                } else if (ns == 8) {
-                    m = _mm256_fmadd_ps(mn0, _mm256_loadu_ps(as), m);
-                } else {
-                    float t = 0.0f;
-                    for (int j = 0; j < ns; j++) t += mn[j] * as[j];
-                    m = _mm256_add_ps(m, _mm256_setr_ps(t, 0, 0, 0, 0, 0, 0, 0));
-                }
-                _mm256_store_ps(acc + 16 * r + 8, m);
-            }
+            if (has_min) add_mins(acc + 16 * r + 8, mn0, mn1, mn, as, ns);
         }
 #else
         (void)uns; (void)act_k; (void)ng;

@@ -40,22 +40,27 @@ class Recorder:
 
 
 def count_forwards(model, monkeypatch):
-    """Record the segment lengths of every forward_batch call, and the layers each asks the cache for."""
+    """Record the segment lengths of every forward_batch call, and the layers each asks the cache for, in
+    order (one entry for a run of asks for the same layer: start() then a get() per expert is one fetch)."""
     calls, gets = [], []
-    real_fb, real_get = model.forward_batch, model.experts.get
+    real_fb = model.forward_batch
 
     def fb(segments, *a, **kw):
         calls.append([int(t.shape[0]) for t, _ in segments])
         gets.append([])
         return real_fb(segments, *a, **kw)
 
-    def get(layer, ids):
-        if gets:
-            gets[-1].append(layer)
-        return real_get(layer, ids)
+    def recorded(real):
+        def ask(layer, ids):
+            if gets and (not gets[-1] or gets[-1][-1] != layer):
+                gets[-1].append(layer)
+            return real(layer, ids)
+        return ask
 
     monkeypatch.setattr(model, "forward_batch", fb)
-    monkeypatch.setattr(model.experts, "get", get)
+    for name in ("get", "start"):
+        if hasattr(model.experts, name):
+            monkeypatch.setattr(model.experts, name, recorded(getattr(model.experts, name)))
     return calls, gets
 
 

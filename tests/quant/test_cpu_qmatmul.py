@@ -194,3 +194,16 @@ def test_concurrent_calls():
                             enumerate(xs * 4)))
     for i, g in enumerate(got):
         assert torch.equal(g, want[i % len(xs)])
+
+
+@pytest.mark.parametrize("round_acts", [False, True])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype, round_acts):
+    """Bit for bit: several rows at once equal each row alone (sequences batched together must equal each
+    alone, and the logits must not depend on how the cache groups experts)."""
+    shape = (64, 512)
+    raws = [weights(qtype, shape, seed) for seed in range(2)]
+    x = torch.randn(2, 5, 512, generator=torch.Generator().manual_seed(3))
+    full = quant.qbmm(x, raws, qtype, shape, round_acts=round_acts)
+    alone = torch.cat([quant.qbmm(x[:, i: i + 1], raws, qtype, shape, round_acts=round_acts) for i in range(5)], 1)
+    assert torch.equal(full, alone)
