@@ -113,6 +113,35 @@ def test_get_returns_the_store_bytes_and_hits_the_second_time(store):
         assert_consistent(s2)
 
 
+def test_start_then_one_get_per_expert_counts_as_one_get(store):
+    """start() begins the reads of the missing experts and counts the layer as one get() would; the get()
+    of each expert after it only waits for its own read and counts nothing again."""
+    dev, host, _used = sizes(store)
+    reader = GatedReader(store)
+    cache = ExpertCache(store, device_budget=8 * dev, host_budget=8 * host, policy="lru", reader=reader)
+    try:
+        t = threading.Thread(target=cache.get, args=(1, [3]))
+        t.start()
+        reader.gate.set()
+        t.join()
+        reader.gate.clear()
+        assert cache.start(1, [3, 5, 6]) == [5, 6]  # never blocks: the reads are held back
+        assert cache.get(1, [3])[0].expert == 3  # resident: no wait
+        assert set(reader.submits) == {(1, 3), (1, 5), (1, 6)}
+        reader.gate.set()
+        got = [cache.get(1, [e])[0] for e in (6, 5)]
+        assert [w.expert for w in got] == [6, 5]
+        for w in got:
+            assert_same(w, store.read(1, w.expert))
+        s = cache.stats()["layers"][1]
+        assert (s["requests"], s["device_hits"], s["device_misses"]) == (4, 1, 3)  # [3] then [3, 5, 6]
+        assert reader.submits == Counter({(1, 3): 1, (1, 5): 1, (1, 6): 1})
+        assert_consistent(cache.stats())
+    finally:
+        cache.close()
+        reader.close()
+
+
 def test_host_tier_serves_what_the_device_tier_evicted(store):
     dev, host, used = sizes(store)
     with ExpertCache(store, device_budget=used * dev, host_budget=8 * host, policy="lfu") as cache:
