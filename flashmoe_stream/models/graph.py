@@ -2,8 +2,8 @@
 
 When the device tier holds the whole model nothing needs to be fetched, so the host has no reason to
 see the routing: one token's pass through every layer (attention, routing, the fused expert kernels,
-the head) is captured once as a CUDA graph and replayed per token, with the token and its position
-as device inputs. The experts are addressed through per-layer offset tables indexed by the router's
+the head) is captured once as a CUDA graph and replayed per token, with the token's embedding and
+its position as device inputs (the embedding lookup runs before the replay). The experts are addressed through per-layer offset tables indexed by the router's
 choice on the device. Eager decode costs a Python round trip and a host sync per layer; a replay costs
 one launch per token.
 
@@ -44,7 +44,6 @@ class GraphDecode:
         k = c.n_expert_used
         self.xrows_gu = torch.zeros(2 * k, dtype=torch.int64, device=dev)
         self.xrows_down = torch.arange(k, dtype=torch.int64, device=dev)
-        self.token = torch.zeros(1, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
         self.x_in = torch.zeros(1, c.n_embd, dtype=torch.float32, device=dev)
         self.ids = torch.zeros(c.n_layer, k, dtype=torch.int64, device=dev)
