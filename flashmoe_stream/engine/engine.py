@@ -246,7 +246,8 @@ def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict:
     llama.cpp's activation rounding, a last-bit change in a matmul moves an 8-bit rounding and, through
     it, a near-tie of a random router; the native kernels' summation order in attention moved the
     synthetic fixtures' agreement with llama.cpp from 1.2 % to 7 % of the logit range (the trained
-    models' did not move). Attention kept quantised there is a follow-up (docs/BENCHMARKS.md)."""
+    models' agreement tests still passed). Attention kept quantised there is a follow-up
+    (docs/BENCHMARKS.md)."""
     from ..model_info import expert_tensor_layer
     from ..quant import QTensor, dequantize, fused_supported, native_supported
 
