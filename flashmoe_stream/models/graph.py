@@ -3,9 +3,9 @@
 When the device tier holds the whole model nothing needs to be fetched, so the host has no reason to
 see the routing: one token's pass through every layer (attention, routing, the fused expert kernels,
 the head) is captured once as a CUDA graph and replayed per token, with the token's embedding and
-its position as device inputs (the embedding lookup runs before the replay). The experts are addressed through per-layer offset tables indexed by the router's
-choice on the device. Eager decode costs a Python round trip and a host sync per layer; a replay costs
-one launch per token.
+its position as device inputs (the embedding lookup runs before the replay). The experts are
+addressed through per-layer offset tables indexed by the router's choice on the device. Eager decode
+costs a Python round trip and a host sync per layer; a replay costs one launch per token.
 
 Attention reads the whole static KV cache under a mask (positions past the current one are masked
 out), so the graph does not depend on the length filled.
