@@ -143,13 +143,6 @@ def qbmm_cpu(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype, shape: Sequen
     out = torch.empty(n, R, N, dtype=torch.float32)
     if n == 0 or R == 0 or N == 0:
         return out
-    if not round_acts and R > 1:
-        # the float kernel for several rows decodes each block once for all of them and rounds otherwise
-        # than the one-row kernel: one row at a time, a row's result never depends on the rows beside it
-        # (batched sequences equal each alone, and logits do not depend on how experts are grouped)
-        for r in range(R):
-            out[:, r: r + 1] = qbmm_cpu(x[:, r: r + 1], raws, qtype, shape, False, n_threads)
-        return out
     if x.dtype != torch.float32:
         x = x.float()
     if x.stride(2) != 1:

@@ -6,9 +6,9 @@
  *
  * Two numerics:
  *  - float (round_acts = 0): exact float32 activations times the dequantised weights, fp32 accumulation.
- *    For up to FACTOR_ROWS activation rows each sub-block is sc_j * (x . q)_j - mn_j * (sum of x)_j (the
- *    quants widened to float and fused-multiply-added with x); for more rows each weight chunk is decoded
- *    once to the very float32 values of the reference dequantiser (sc * q, then minus the min) and shared.
+ *    Each sub-block is sc_j * (x . q)_j - mn_j * (sum of x)_j (the quants widened to float and
+ *    fused-multiply-added with x), row by row: a row's result never depends on the other rows. (The
+ *    portable build decodes each chunk to the reference dequantiser's floats and takes plain dots.)
  *  - llama.cpp (round_acts = 1): the activations are first rounded to 8-bit blocks the way llama.cpp's
  *    CPU backend does (Q8_K: 256 per block, iscale = -127/max, for the K-quants; Q8_0: 32 per block,
  *    fp16 d = amax/127, for Q8_0 and the 32-element legacy types), then each sub-block is an exact integer
@@ -517,9 +517,20 @@ typedef struct {
     int status;
 } job;
 
-#define FACTOR_ROWS 2  /* float mode: up to this many rows multiply the quants directly, more share decoded floats */
-
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* res[r] = the 8 lanes of sums minus the 8 lanes of mins of each of the R rows of acc */
+ALWAYS_INLINE void finish_rows(const float *acc, int64_t R, float *res) {
+    for (int64_t r = 0; r < R; r++) {
+#if QD_AVX2
+        res[r] = hsum8(_mm256_load_ps(acc + 16 * r)) - hsum8(_mm256_load_ps(acc + 16 * r + 8));
+#else
+        float s = 0.0f, m = 0.0f;
+        for (int i = 0; i < 8; i++) { s += acc[16 * r + i]; m += acc[16 * r + 8 + i]; }
+        res[r] = s - m;
+#endif
+    }
+}
 
 /* float mode, one weight row against R activation rows. The chunk loop is generic; `sub` and `has_min` are
  * compile-time constants in each caller so the inner loops unroll. */
@@ -535,73 +546,28 @@ ALWAYS_INLINE void row_float_t(const job *jb, const uint8_t *wrow, const float *
         const int n = K - k0 < CHUNK ? (int)(K - k0) : CHUNK, ns = n == CHUNK ? CHUNK / sub : n / sub;
         ti->decode(wrow + c * chunk_bytes, n == CHUNK ? CHUNK / ti->qk : n / ti->qk, q, sc, mn);
 #if QD_AVX2
-        if (R <= FACTOR_ROWS) {  /* sum_j sc_j * (x . q)_j - sum_j mn_j * (sum of x)_j */
-            __m256 mn0 = _mm256_loadu_ps(mn), mn1 = _mm256_loadu_ps(mn + 8);
-            for (int64_t r = 0; r < R; r++) {
-                const float *xr = x0 + r * jb->xs_row + k0;
-                __m256 a0 = _mm256_load_ps(acc + 16 * r), a1 = _mm256_setzero_ps();
-                for (int j = 0; j < ns; j += 2) {
-                    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-                    for (int i = 0; i < sub; i += 8) {
-                        s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                 _mm_loadl_epi64((const __m128i *)(q + j * sub + i)))),
-                                             _mm256_loadu_ps(xr + j * sub + i), s0);
-                        s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                 _mm_loadl_epi64((const __m128i *)(q + (j + 1) * sub + i)))),
-                                             _mm256_loadu_ps(xr + (j + 1) * sub + i), s1);
-                    }
-                    a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(sc[j]), a0);
-                    if (j + 1 < ns) a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(sc[j + 1]), a1);
-                }
-                _mm256_store_ps(acc + 16 * r, _mm256_add_ps(a0, a1));
-                if (has_min) add_mins(acc + 16 * r + 8, mn0, mn1, mn, xsum + r * (kp / sub) + k0 / sub, ns);
-            }
-            continue;
-        }
-        /* several rows: decode to the exact dequantised floats once (sc * q, then minus the min) */
-        for (int j = 0; j < ns; j++) {
-            __m256 s = _mm256_set1_ps(sc[j]), m = _mm256_set1_ps(mn[j]);
-            for (int i = 0; i < sub; i += 8) {
-                __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j * sub + i))));
-                _mm256_store_ps(wf + j * sub + i, has_min ? _mm256_sub_ps(_mm256_mul_ps(f, s), m) : _mm256_mul_ps(f, s));
-            }
-        }
-        int64_t r = 0;
-        for (; r + 4 <= R; r += 4) {  /* four rows at a time: each load of the decoded weights feeds four FMAs */
-            const float *x0r = x0 + r * jb->xs_row + k0, *x1r = x0r + jb->xs_row, *x2r = x1r + jb->xs_row,
-                        *x3r = x2r + jb->xs_row;
-            __m256 a0 = _mm256_load_ps(acc + 16 * r), a1 = _mm256_load_ps(acc + 16 * (r + 1)),
-                   a2 = _mm256_load_ps(acc + 16 * (r + 2)), a3 = _mm256_load_ps(acc + 16 * (r + 3));
-            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(),
-                   b3 = _mm256_setzero_ps();
-            for (int i = 0; i < n; i += 16) {  /* n is a multiple of 32 */
-                __m256 w0 = _mm256_load_ps(wf + i), w1 = _mm256_load_ps(wf + i + 8);
-                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0r + i), a0);
-                a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1r + i), a1);
-                a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x2r + i), a2);
-                a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x3r + i), a3);
-                b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0r + i + 8), b0);
-                b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1r + i + 8), b1);
-                b2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x2r + i + 8), b2);
-                b3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x3r + i + 8), b3);
-            }
-            _mm256_store_ps(acc + 16 * r, _mm256_add_ps(a0, b0));
-            _mm256_store_ps(acc + 16 * (r + 1), _mm256_add_ps(a1, b1));
-            _mm256_store_ps(acc + 16 * (r + 2), _mm256_add_ps(a2, b2));
-            _mm256_store_ps(acc + 16 * (r + 3), _mm256_add_ps(a3, b3));
-        }
-        for (; r < R; r++) {
+        /* per row: sum_j sc_j * (x . q)_j - sum_j mn_j * (sum of x)_j; each row alone, so a row's result
+         * never depends on the rows beside it (batched sequences equal each alone) */
+        (void)wf;
+        __m256 mn0 = _mm256_loadu_ps(mn), mn1 = _mm256_loadu_ps(mn + 8);
+        for (int64_t r = 0; r < R; r++) {
             const float *xr = x0 + r * jb->xs_row + k0;
-            __m256 a0 = _mm256_load_ps(acc + 16 * r), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-                   a3 = _mm256_setzero_ps();
-            int i = 0;
-            for (; i + 32 <= n; i += 32) {
-                a0 = _mm256_fmadd_ps(_mm256_load_ps(wf + i), _mm256_loadu_ps(xr + i), a0);
-                a1 = _mm256_fmadd_ps(_mm256_load_ps(wf + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
-                a2 = _mm256_fmadd_ps(_mm256_load_ps(wf + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
-                a3 = _mm256_fmadd_ps(_mm256_load_ps(wf + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
+            __m256 a0 = _mm256_load_ps(acc + 16 * r), a1 = _mm256_setzero_ps();
+            for (int j = 0; j < ns; j += 2) {
+                __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+                for (int i = 0; i < sub; i += 8) {
+                    s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                             _mm_loadl_epi64((const __m128i *)(q + j * sub + i)))),
+                                         _mm256_loadu_ps(xr + j * sub + i), s0);
+                    s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                             _mm_loadl_epi64((const __m128i *)(q + (j + 1) * sub + i)))),
+                                         _mm256_loadu_ps(xr + (j + 1) * sub + i), s1);
+                }
+                a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(sc[j]), a0);
+                if (j + 1 < ns) a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(sc[j + 1]), a1);
             }
-            _mm256_store_ps(acc + 16 * r, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            _mm256_store_ps(acc + 16 * r, _mm256_add_ps(a0, a1));
+            if (has_min) add_mins(acc + 16 * r + 8, mn0, mn1, mn, xsum + r * (kp / sub) + k0 / sub, ns);
         }
 #else
         (void)xsum; (void)has_min; (void)kp; (void)ns;
@@ -612,15 +578,7 @@ ALWAYS_INLINE void row_float_t(const job *jb, const uint8_t *wrow, const float *
         }
 #endif
     }
-    for (int64_t r = 0; r < R; r++) {
-#if QD_AVX2
-        res[r] = hsum8(_mm256_load_ps(acc + 16 * r)) - hsum8(_mm256_load_ps(acc + 16 * r + 8));
-#else
-        float s = 0.0f, m = 0.0f;
-        for (int i = 0; i < 8; i++) { s += acc[16 * r + i]; m += acc[16 * r + 8 + i]; }
-        res[r] = s - m;
-#endif
-    }
+    finish_rows(acc, R, res);
 }
 
 /* llama.cpp mode, one weight row against R rounded activation rows (a_q/a_d/a_s: row 0 of this matrix);
@@ -687,15 +645,7 @@ ALWAYS_INLINE void row_int_t(const job *jb, const uint8_t *wrow, const int8_t *a
         }
 #endif
     }
-    for (int64_t r = 0; r < R; r++) {
-#if QD_AVX2
-        res[r] = hsum8(_mm256_load_ps(acc + 16 * r)) - hsum8(_mm256_load_ps(acc + 16 * r + 8));
-#else
-        float s = 0.0f, m = 0.0f;
-        for (int i = 0; i < 8; i++) { s += acc[16 * r + i]; m += acc[16 * r + 8 + i]; }
-        res[r] = s - m;
-#endif
-    }
+    finish_rows(acc, R, res);
 }
 
 /* the specialisations: (sub-block size, has mins, unsigned quants, Q8_K activations) */
@@ -794,7 +744,7 @@ int qdot_mm(int type, int round_acts, const float *x, int64_t xs_mat, int64_t xs
     int rc = 0;
     a.kp = (K + 255) / 256 * 256;
     a.sub = ti->sub;
-    if (!round_acts && ti->has_min && R <= FACTOR_ROWS) {  /* the sums of x per sub-block, for the mins */
+    if (!round_acts && ti->has_min) {  /* the sums of x per sub-block, for the mins */
         int64_t n_rows = (xs_mat == 0 ? 1 : n_mat) * R, ns = a.kp / a.sub;
         a.dbs = calloc((size_t)(n_rows * ns), sizeof(float));
         if (!a.dbs) { rc = -2; goto out; }
