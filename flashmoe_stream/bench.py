@@ -3,9 +3,9 @@
 Decode is teacher-forced with varied random tokens (greedy decoding of a random-weight model soon
 repeats one token and one expert set, which would make any cache look perfect); the routing's
 variety is reported. Two single-token steps after the prompt run untimed first (the GPU kernels compile
-and, where every expert fits on the GPU, the CUDA graph is captured there). The I/O bound is the disk's raw sequential O_DIRECT bandwidth (measured on the
-same files just before and again just after decode; the mean) divided by the bytes read from disk per
-decoded token.
+and, where every expert fits on the GPU, the CUDA graph is captured there). The I/O bound is the disk's
+raw sequential O_DIRECT bandwidth (measured on the same files just before and again just after decode;
+the mean) divided by the bytes read from disk per decoded token.
 """
 
 from __future__ import annotations

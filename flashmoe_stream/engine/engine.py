@@ -116,8 +116,7 @@ class Engine:
             types = {name: t.qtype for name, t in dense.tensors.items()} if llama_numerics else None
             model = build_model(cfg, weights, cache, prefetch=prefetch, weight_types=types)
             model.prefetch_ahead = max(1, int(prefetch_ahead))
-            if graphs and dev.type == "cuda" and hasattr(model, "use_resident_experts") and not llama_numerics \
-                    and vram >= expert_bytes:
+            if graphs and vram >= expert_bytes and hasattr(model, "graphs_supported") and model.graphs_supported():
                 _make_resident(model, cache, cfg)
             tok = Tokenizer.from_metadata(dense.metadata)
         except BaseException:

@@ -44,15 +44,18 @@ class MoEDecoder(StreamingDecoder):
             self.ffn_w.append(MoEWeights(W(b + "ffn_norm.weight"), W(b + "ffn_gate_inp.weight")))
 
     # --- decode from a CUDA graph when every expert stays on the GPU (models/graph.py) -------------
-    def use_resident_experts(self, experts: dict[int, list]) -> bool:
-        """Decode single tokens from a CUDA graph over ``experts`` (every expert of every layer, on the
-        GPU). False (and nothing changes) where that is not supported here."""
+    def graphs_supported(self) -> bool:
+        """Whether single tokens can decode from a CUDA graph here (ask before loading every expert)."""
         from .graph import GraphDecode
 
-        if not GraphDecode.supported(self, experts):
-            return False
+        return GraphDecode.supported(self)
+
+    def use_resident_experts(self, experts: dict[int, list]) -> None:
+        """Decode single tokens from a CUDA graph over ``experts`` (every expert of every layer, on the
+        GPU, where graphs_supported())."""
+        if len(experts) != self.cfg.n_layer or not self.graphs_supported():
+            raise ValueError("CUDA-graph decode needs every layer's experts on a supported GPU")
         self.resident, self._graph = experts, None
-        return True
 
     def forward_batch(self, segments, on_route=None):
         if self.resident is None or len(segments) != 1 or segments[0][0].numel() != 1:

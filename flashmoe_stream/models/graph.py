@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..quant import fused_gemv_pairs, fused_supported
-from .common import mm, rms_norm, rope_angles, rotate, route
+from ..quant import fused_gemv_pairs
+from .common import fused_supported_for, mm, rms_norm, rope_angles, rotate, route
 
 
 class GraphDecode:
@@ -54,12 +54,12 @@ class GraphDecode:
         self.logits = None
 
     @staticmethod
-    def supported(model, experts: dict[int, list]) -> bool:
+    def supported(model) -> bool:
+        """Whether ``model`` can decode from a graph here: a CUDA device, no llama.cpp activation rounding,
+        and every layer's expert types taken by the fused kernels (asked of the cache, before any load)."""
         dev = model.device
-        if dev.type != "cuda" or model.llama_numerics or len(experts) != model.cfg.n_layer:
-            return False
-        e0 = experts[0][0].blocks
-        return all(fused_supported(b.qtype, dev) for b in e0.values())
+        return dev.type == "cuda" and not model.llama_numerics and \
+            all(fused_supported_for(model.experts, i, dev) for i in range(model.cfg.n_layer))
 
     # --- one step, as captured ------------------------------------------------------------------
     def _attend(self, i: int, x: torch.Tensor) -> torch.Tensor:
