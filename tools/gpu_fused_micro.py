@@ -15,7 +15,7 @@ copy_ms = tt.do_bench(lambda a=a, b=b: b.copy_(a), warmup=50, rep=300, return_mo
 copy_bw = 2 * (1 << 30) / copy_ms / 1e6  # GB/s, read + write
 del a, b
 res = {"copy_gb_s": round(copy_bw, 1), "cases": []}
-SWEEP = len(sys.argv) > 1
+SWEEP = [w for w in sys.argv[1].split(",") if w] if len(sys.argv) > 1 else []  # sweep the block shapes of cases named so
 cases = [("gate+up Q4_K 16 pairs", Q.Q4_K, (1536, 4096), 16), ("down Q6_K 8 pairs", Q.Q6_K, (4096, 1536), 8),
          ("attn_q Q4_K", Q.Q4_K, (8192, 4096), 1), ("attn_o Q4_K", Q.Q4_K, (4096, 8192), 1),
          ("down Q5_K 8", Q.Q5_K, (4096, 1536), 8), ("Q8_0 8 pairs", Q.Q8_0, (1536, 4096), 8),
@@ -51,7 +51,7 @@ for name, qt, shape, P in cases:
     ref = torch.stack([x[i].double() @ quant.dequantize(ws[i], qt, shape).double().T for i in range(P)])
     err = float((y.double() - ref).norm() / ref.norm())
     t_f = tt.do_bench(fused, warmup=25, rep=200, return_mode="median")
-    if SWEEP:
+    if any(w in name for w in SWEEP):
         best = (t_f, "default")
         for bn in (8, 16, 32):
             for nw in (2, 4, 8):
@@ -63,14 +63,30 @@ for name, qt, shape, P in cases:
                     best = min(best, (t, f"BN={bn} warps={nw} SB={sb}"))
         print(f"  best {name}: {best[1]} {best[0] * 1e3:.1f} us {P * n / best[0] / 1e6:.0f} GB/s (default {t_f * 1e3:.1f} us)",
               flush=True)
+    t_fl = None
+    if qt in (Q.Q4_K, Q.Q5_K):  # the same kernel shape on float activations (the path before 8-bit ones)
+        def floats():
+            ws, ptrs = sets[next(it) % 4]
+            return quant.fused_gemv_pairs(x, ws[0], ptrs, xrows, qt, shape, q8=False)
+        t_fl = tt.do_bench(floats, warmup=25, rep=200, return_mode="median")
+    if qt == Q.Q6_K and P == 1:  # blocks padded to 224 bytes, as QTensor keeps dense Q6_K on GPUs
+        from flashmoe_stream.quant import _triton
+        pads = [_triton.pad_q6_k(ws[0]) for ws, _ in sets]
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        yp = quant.fused_gemv_pairs(x, pads[0], zero, xrows, qt, shape, padded=True)
+        assert torch.allclose(yp, y, rtol=1e-4, atol=1e-3)
+        t_fl = tt.do_bench(lambda: quant.fused_gemv_pairs(x, pads[next(it) % 4], zero, xrows, qt, shape, padded=True),
+                           warmup=25, rep=200, return_mode="median")
+        print(f"  {name} padded to 224 B: {t_fl * 1e3:.1f} us", flush=True)
     t_d = tt.do_bench(deq, warmup=5, rep=100, return_mode="median") if n * P < 2e9 else None
     gbs = P * n / t_f / 1e6
     res["cases"].append({"case": name, "bytes": P * n, "fused_us": round(t_f * 1e3, 1), "fused_gb_s": round(gbs, 1),
                          "ratio_to_copy_bw": round(gbs / copy_bw, 3),
+                         "float_acts_us": round(t_fl * 1e3, 1) if t_fl else None,
                          "dequant_bmm_us": round(t_d * 1e3, 1) if t_d else None, "rel_err": err})
 json.dump(res, sys.stdout, indent=1)
 print()
 for c in res["cases"]:
     print(f"{c['case']:<24} {c['bytes'] / 1e6:8.1f} MB  fused {c['fused_us']:8.1f} us {c['fused_gb_s']:7.1f} GB/s "
-          f"({c['ratio_to_copy_bw']:.2f} of copy)  dequant+bmm {c['dequant_bmm_us']} us  err {c['rel_err']:.1e}")
+          f"({c['ratio_to_copy_bw']:.2f} of copy)  float acts {c['float_acts_us']} us  dequant+bmm {c['dequant_bmm_us']} us  err {c['rel_err']:.1e}")
 print("copy GB/s (r+w):", res["copy_gb_s"])

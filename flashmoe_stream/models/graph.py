@@ -7,18 +7,24 @@ its position as device inputs (the embedding lookup runs before the replay). The
 addressed through per-layer offset tables indexed by the router's choice on the device. Eager decode
 costs a Python round trip and a host sync per layer; a replay costs one launch per token.
 
-Attention reads the whole static KV cache under a mask (positions past the current one are masked
-out), so the graph does not depend on the length filled.
+Each layer is about fifteen launches (models/_fused.py: residual add + RMSNorm, q/k-norm + RoPE + the
+KV-cache write, attention, routing, SiLU * up; the fused GEMV kernels for the matmuls). Attention
+reads the position from the device and loops over the filled part of the cache, so the graph does
+not depend on the length filled.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..quant import fused_gemv_pairs
-from .common import fused_supported_for, mm, rms_norm, rope_angles, rotate, route
+from ..quant import QTensor, fused_gemv_pairs
+from .common import fused_supported_for, mm, rope_angles
+
+
+def _proj(x: torch.Tensor, w) -> torch.Tensor:
+    """x [1, K] @ w.T as float32 [N] (a fused kernel where w is a QTensor that one takes)."""
+    return (w.matmul(x, torch.float32) if isinstance(w, QTensor) else mm(x, w, None).float()).view(-1)
 
 
 class GraphDecode:
@@ -48,8 +54,14 @@ class GraphDecode:
         self.x_in = torch.zeros(1, c.n_embd, dtype=torch.float32, device=dev)
         self.ids = torch.zeros(c.n_layer, k, dtype=torch.int64, device=dev)
         self.weights = torch.zeros(c.n_layer, k, dtype=torch.float32, device=dev)
-        self.ctx = torch.arange(kv.n_ctx, device=dev)
-        self.cos, self.sin = rope_angles(self.ctx, c.head_dim, c.rope_theta)  # [n_ctx, 1, D/2]: a lookup per step
+        cos, sin = rope_angles(torch.arange(kv.n_ctx, device=dev), c.head_dim, c.rope_theta)
+        self.cos, self.sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [n_ctx, D/2]: a lookup per step
+        self.offs = torch.zeros(c.n_layer, 3 * k, dtype=torch.int64, device=dev)  # the routed experts' offsets
+        self.h = torch.zeros(c.n_embd, dtype=model.dtype, device=dev)  # the normed input of the next matmuls
+        self.hf = torch.zeros(c.n_embd, dtype=torch.float32, device=dev)  # ... in float32, for the router
+        self.q = torch.zeros(c.n_head * c.head_dim, dtype=torch.float32, device=dev)
+        self.att = torch.zeros(c.n_head * c.head_dim, dtype=model.dtype, device=dev)
+        self.act = torch.zeros(k, self.types["down"][1][1], dtype=model.dtype, device=dev)
         self.graph = None
         self.logits = None
 
@@ -62,50 +74,34 @@ class GraphDecode:
             all(fused_supported_for(model.experts, i, dev) for i in range(model.cfg.n_layer))
 
     # --- one step, as captured ------------------------------------------------------------------
-    def _attend(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        m, c, kv = self.model, self.cfg, self.kv
-        w = m.attn[i]
-        h = rms_norm(x, w.norm, c.rms_eps).to(w.q.dtype)
-        q = mm(h, w.q, None).view(1, c.n_head, c.head_dim)
-        k = mm(h, w.k, None).view(1, c.n_head_kv, c.head_dim)
-        v = mm(h, w.v, None).view(1, c.n_head_kv, c.head_dim)
-        if w.q_norm is not None:
-            q, k = rms_norm(q, w.q_norm, c.rms_eps).to(v.dtype), rms_norm(k, w.k_norm, c.rms_eps).to(v.dtype)
-        cos, sin = self.cos[self.pos], self.sin[self.pos]
-        q, k = rotate(q, cos, sin, c.rope_neox), rotate(k, cos, sin, c.rope_neox)
-        kv.k[i].index_copy_(0, self.pos, k.to(kv.k.dtype))
-        kv.v[i].index_copy_(0, self.pos, v.to(kv.v.dtype))
-        mask = (self.ctx <= self.pos).view(1, 1, -1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), kv.k[i].transpose(0, 1), kv.v[i].transpose(0, 1),
-                                             attn_mask=mask, enable_gqa=c.n_head != c.n_head_kv).transpose(0, 1)
-        return mm(out.reshape(1, c.n_head * c.head_dim), w.o, None).float()
-
-    def _moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        m, c = self.model, self.cfg
-        w = m.ffn_w[i]
-        h = rms_norm(x, w.norm, c.rms_eps)
-        weights, ids = route(h, w.router, c.n_expert_used, c.expert_weights_norm)
-        self.ids[i].copy_(ids[0])
-        self.weights[i].copy_(weights[0])
-        offs = self.tables[i][:, ids[0]]  # [3, k]
-        hd = h.to(m.dtype)
-        (tg, sg), (tu, su), (td, sd) = self.types["gate"], self.types["up"], self.types["down"]
-        k = c.n_expert_used
-        if tg == tu:
-            gu = fused_gemv_pairs(hd, self.base, offs[:2].reshape(-1), self.xrows_gu, tg, sg, self.aligned)
-            g, u = gu[:k], gu[k:]
-        else:
-            g = fused_gemv_pairs(hd, self.base, offs[0], self.xrows_gu[:k], tg, sg, self.aligned)
-            u = fused_gemv_pairs(hd, self.base, offs[1], self.xrows_gu[:k], tu, su, self.aligned)
-        y = fused_gemv_pairs(F.silu(g) * u, self.base, offs[2], self.xrows_down, td, sd, self.aligned)
-        return (y * weights[0].float().unsqueeze(-1)).sum(0, keepdim=True)
-
     def _step(self) -> torch.Tensor:
-        x = self.x_in
-        for i in range(self.cfg.n_layer):
-            x = x + self._attend(i, x)
-            x = x + self._moe(i, x)
-        return self.model.head(x)
+        from . import _fused as K
+
+        m, c, kv = self.model, self.cfg, self.kv
+        k, eps = c.n_expert_used, c.rms_eps
+        (tg, sg), (tu, su), (td, sd) = self.types["gate"], self.types["up"], self.types["down"]
+        x, h, h1 = self.x_in.view(-1), self.h, self.h.view(1, -1)  # the residual stream, updated in place
+        K.add_norm(x, None, None, m.attn[0].norm, eps, h)
+        for i in range(c.n_layer):
+            w, f = m.attn[i], m.ffn_w[i]
+            q, kk, v = (_proj(h1, t) for t in (w.q, w.k, w.v))
+            K.qk_rope(q, kk, v, w.q_norm, w.k_norm, self.cos, self.sin, self.pos, kv.k[i], kv.v[i], self.q, eps,
+                      c.rope_neox)
+            K.attend(self.q, kv.k[i], kv.v[i], self.pos, self.att)
+            K.add_norm(x, _proj(self.att.view(1, -1), w.o), None, f.norm, eps, h, self.hf)
+            K.route_topk((self.hf.view(1, -1) @ f.router.T).view(-1), self.tables[i], k, c.expert_weights_norm,
+                         self.ids[i], self.weights[i], self.offs[i])
+            offs = self.offs[i]
+            if tg == tu:
+                gu = fused_gemv_pairs(h1, self.base, offs[:2 * k], self.xrows_gu, tg, sg, self.aligned)
+            else:
+                gu = torch.cat([fused_gemv_pairs(h1, self.base, offs[j * k:(j + 1) * k], self.xrows_gu[:k], t, sh,
+                                                 self.aligned) for j, (t, sh) in enumerate(((tg, sg), (tu, su)))])
+            K.silu_mul(gu, self.act)
+            y = fused_gemv_pairs(self.act, self.base, offs[2 * k:], self.xrows_down, td, sd, self.aligned)
+            nxt = m.attn[i + 1].norm if i + 1 < c.n_layer else m.out_norm
+            K.add_norm(x, y, self.weights[i], nxt, eps, h)
+        return _proj(h1, m.output).view(1, -1)
 
     # --- use ------------------------------------------------------------------------------------
     def _capture(self) -> None:

@@ -9,9 +9,16 @@ and its input row (``xrows[p]``), so every routed expert of a layer runs in one 
 The arithmetic is float32: per 16- or 32-weight group, the integer quants times the activations are
 summed, then scaled (``d*sc*sum(q*x) - dmin*m*sum(x)``), which is the reference dequantisation
 ``(d*sc)*q - dmin*m`` regrouped: the same function to float32 rounding.
+
+Q4_K and Q5_K multiply 8-bit activations instead, as llama.cpp's GPU kernels do: x is rounded per 32
+values to int8 with one float scale (``quantize_q8``), and four weight nibbles times four activation
+bytes are summed by one integer instruction (dp4a); converting every weight to float was what bounded
+the float kernels (a quarter-rate instruction per weight).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -26,10 +33,8 @@ except ImportError:  # CPU-only torch builds ship no Triton
 def config(name: str, N: int, K: int, P: int) -> tuple[int, int, int]:
     """(rows per program, warps, K-quant superblocks per step): the fastest of a sweep on an H200 for the
     Qwen3-235B shapes (tools/gpu_fused_micro.py sweep; docs/BENCHMARKS.md)."""
-    if name == "Q4_K":
-        return (8, 2, 2) if P >= 8 else (8, 4, 4)
-    if name == "Q5_K":
-        return 32, 8, 1
+    if name in ("Q4_K", "Q5_K"):
+        return (8, 4, 2) if P >= 8 else (8, 4, 4)
     if name == "Q6_K":
         return 8, 2, 1
     return 16, 2, 1
@@ -105,12 +110,117 @@ if triton is not None:
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
     @triton.jit
+    def _dp4a(a, b, ASM: tl.constexpr):
+        """Per int32 lane: the sum of the products of its four signed bytes in a and in b."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:  # the interpreter runs no PTX
+            s = ((a << 24) >> 24) * ((b << 24) >> 24)
+            s += ((a << 16) >> 24) * ((b << 16) >> 24)
+            s += ((a << 8) >> 24) * ((b << 8) >> 24)
+            return s + (a >> 24) * (b >> 24)
+
+    @triton.jit
+    def _quantize_q8_kernel(x, xq, dx, xs, K, stride_x, stride_q, stride_d, stride_s, BG: tl.constexpr):
+        # BG groups of 32 values of one row: int8 q = round(x * 127 / amax) (half away from zero), the
+        # scale amax / 127 per 32, and the integer sums of q per 16 (the K-quants' min and offset terms)
+        r = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * BG + tl.arange(0, BG)
+        gm = g < K // 32
+        h = tl.arange(0, 2)
+        l16 = tl.arange(0, 16)
+        at = (32 * g)[:, None, None] + (16 * h)[None, :, None] + l16[None, None, :]  # [BG, 2, 16]
+        v = tl.load(x + r * stride_x + at, mask=gm[:, None, None], other=0.0).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(v), axis=2), axis=1)  # [BG]
+        inv = tl.where(amax > 0, tl.math.div_rn(tl.full([BG], 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
+        t = v * inv[:, None, None]
+        q = tl.minimum(tl.floor(tl.abs(t) + 0.5), 127.0)
+        q = tl.where(t < 0, -q, q)
+        tl.store(xq + r * stride_q + at, q.to(tl.int8), mask=gm[:, None, None])
+        tl.store(dx + r * stride_d + g, amax / 127.0, mask=gm)
+        tl.store(xs + r * stride_s + (2 * g)[:, None] + h[None, :], tl.sum(q, axis=2), mask=gm[:, None])
+
+    @triton.jit
+    def _q4_k_q8_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s, stride_y,
+                        BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SB: tl.constexpr,
+                        ASM: tl.constexpr):
+        # As _q4_k_kernel, on 8-bit activations, over [rows BN, superblocks SB, chunks 4, words 8]: word j of
+        # chunk i holds the nibbles of weights 64i + 4j.. (low) and 64i + 32 + 4j.. (high), so it meets
+        # activation words 16i + j and 16i + 8 + j; the two dp4a sums are scaled per sub-block (2i, 2i + 1).
+        # A block's first 16 bytes are read as four words (d | dmin, then the 12 scale bytes), and the
+        # 6-bit scales and mins are cut from them in registers.
+        p = tl.program_id(1)
+        w = base + tl.multiple_of(tl.load(offs + p), ALIGN)
+        xr = tl.load(xrows + p).to(tl.int64)
+        xw = (xq + xr * stride_q).to(tl.pointer_type(tl.int32))
+        dxr = dx + xr * stride_d
+        xsr = xs + xr * stride_s
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        rmask = rows < N
+        row0 = w + tl.where(rmask, rows, 0).to(tl.int64) * row_bytes  # [BN] byte pointers
+        BW: tl.constexpr = 44 if Q5 else 36  # block words
+        QW: tl.constexpr = 12 if Q5 else 4  # where the nibbles start
+        sbi = tl.arange(0, SB)[None, :, None, None]
+        i = tl.arange(0, 4)[None, None, :, None]
+        j = tl.arange(0, 8)[None, None, None, :]
+        qword = BW * sbi + QW + 8 * i + j  # [1, SB, 4, 8]
+        xlo = 64 * sbi + 16 * i + j
+        i3 = tl.arange(0, 4)[None, None, :]  # chunk, as [1, 1, 4]
+        s3 = tl.arange(0, SB)[None, :, None]
+        acc = tl.zeros([BN, SB, 4], dtype=tl.float32)
+        for sb in range(0, K // 256, SB):
+            blk = (row0 + sb * (4 * BW)).to(tl.pointer_type(tl.int32))
+            blkw = blk[:, None, None, None]  # [BN, 1, 1, 1]
+            q = tl.load(blkw + qword)  # [BN, SB, 4, 8]
+            lo = q & 0x0F0F0F0F
+            hi = (q >> 4) & 0x0F0F0F0F
+            if Q5:  # qh word j holds the 5th bits of chunk i's weights at bits 2i (low) and 2i + 1 (high)
+                qh = tl.load(blkw + (BW * sbi + 4 + j))  # [BN, SB, 1, 8]
+                lo |= ((qh >> (2 * i)) & 0x01010101) << 4
+                hi |= ((qh >> (2 * i + 1)) & 0x01010101) << 4
+            xl = tl.load(xw + sb * 64 + xlo)  # [1, SB, 4, 8]
+            xh = tl.load(xw + sb * 64 + 8 + xlo)
+            il = tl.sum(_dp4a(lo, tl.broadcast_to(xl, lo.shape), ASM), axis=3).to(tl.float32)  # [BN, SB, 4]
+            ih = tl.sum(_dp4a(hi, tl.broadcast_to(xh, hi.shape), ASM), axis=3).to(tl.float32)
+            hw = blk[:, None, None] + BW * s3  # [BN, SB, 1]: each superblock's first word
+            w0 = tl.load(hw)
+            w1 = tl.load(hw + 1)
+            w2 = tl.load(hw + 2)
+            w3 = tl.load(hw + 3)
+            d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            sclo, mlo = _scale_min_words(w1, w2, w3, 2 * i3)
+            schi, mhi = _scale_min_words(w1, w2, w3, 2 * i3 + 1)
+            g32 = sb * 8 + 8 * s3 + 2 * i3  # [1, SB, 4]: the low sub-block's activation group
+            dl = tl.load(dxr + g32)
+            dh = tl.load(dxr + g32 + 1)
+            sl = tl.load(xsr + 2 * g32) + tl.load(xsr + 2 * g32 + 1)
+            shi = tl.load(xsr + 2 * g32 + 2) + tl.load(xsr + 2 * g32 + 3)
+            acc += d * (sclo * dl * il + schi * dh * ih) - dmin * (mlo * dl * sl + mhi * dh * shi)
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
+
+    @triton.jit
+    def _scale_min_words(w1, w2, w3, s):
+        """Q4_K/Q5_K: the 6-bit scale and min of sub-block s from the scale bytes as words (bytes 0-3, 4-7,
+        8-11): below 4, bytes s and s + 4; from 4, byte s + 4's nibbles with the top bits of bytes s - 4, s."""
+        b = 8 * (s % 4)
+        A = (w1 >> b) & 0xFF
+        B = (w2 >> b) & 0xFF
+        C = (w3 >> b) & 0xFF
+        sc = tl.where(s < 4, A & 63, (C & 15) | ((A >> 6) << 4))
+        m = tl.where(s < 4, B & 63, (C >> 4) | ((B >> 6) << 4))
+        return sc.to(tl.float32), m.to(tl.float32)
+
+    @triton.jit
     def _q6_k_kernel(base, offs, xrows, x, y, N, K, row_bytes, stride_x, stride_y, BN: tl.constexpr,
-                     ALIGN: tl.constexpr):
+                     ALIGN: tl.constexpr, BS: tl.constexpr):
         # Q6_K block (256 weights, 210 bytes): ql[128], qh[64], int8 scales[16], d (fp16 at 208).
         # Group G (0..7) of 16 ql bytes: half h = G//4, p = (G//2)%2, g = G%2; byte 64h + 32p + 16g + l'
         # gives (low nibble) weight 128h + 32p + 16g + l' and (high) that + 64; the two top bits come from
         # qh[32h + 16g + l'] at shift 2p (low) and 2p + 4 (high); scales 8h + g + 2p (+4 for high).
+        # BS: the blocks' stride, 210, or 224 where they are padded to 16-byte alignment (wide loads).
         p, w, xrow, rows, rmask = _pair(base, offs, xrows, x, stride_x, N, BN, ALIGN)
         row0 = w + rows.to(tl.int64) * row_bytes
         G = tl.arange(0, 8)
@@ -125,17 +235,19 @@ if triton is not None:
         sc_off = (8 * h + g + 2 * pp)[None, :, None] + 192  # [1, 8, 1]
         acc = tl.zeros([BN, 8, 16], dtype=tl.float32)
         for sb in range(K // 256):
-            blk = row0 + sb * 210
+            blk = row0 + sb * BS
             ql = tl.load(blk[:, None, None] + ql_off).to(tl.int32)  # [BN, 8, 16]
             qh = tl.load(blk[:, None, None] + qh_off).to(tl.int32)
-            qlo = ((ql & 15) | (((qh >> sh) & 3) << 4)) - 32
-            qhi = ((ql >> 4) | (((qh >> (sh + 4)) & 3) << 4)) - 32
+            # the 6-bit value into a float's mantissa under the exponent of 2^23: two integer ops and a float
+            # subtraction, exact, in place of a conversion instruction (quarter rate)
+            qlo = (((ql & 15) | (((qh >> sh) & 3) << 4)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0
+            qhi = (((ql >> 4) | (((qh >> (sh + 4)) & 3) << 4)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0
             d = _f16(blk + 208)[:, None, None]
             sclo = tl.load(blk[:, None, None] + sc_off).to(tl.int8, bitcast=True).to(tl.float32)  # [BN, 8, 1]
             schi = tl.load(blk[:, None, None] + sc_off + 4).to(tl.int8, bitcast=True).to(tl.float32)
             xlo = tl.load(xrow + sb * 256 + x_off).to(tl.float32)
             xhi = tl.load(xrow + sb * 256 + 64 + x_off).to(tl.float32)
-            acc += (d * sclo) * qlo.to(tl.float32) * xlo + (d * schi) * qhi.to(tl.float32) * xhi
+            acc += (d * sclo) * qlo * xlo + (d * schi) * qhi * xhi
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
@@ -164,21 +276,51 @@ if triton is not None:
 
 
 _TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
+_ASM = os.environ.get("TRITON_INTERPRET") != "1"  # dp4a as PTX, or (interpreter) in integer arithmetic
 
 
 def supports(qtype, device: torch.device) -> bool:
     return triton is not None and device.type == "cuda" and getattr(qtype, "name", str(qtype)) in _TYPES
 
 
+Q6_K_PADDED = 224  # a Q6_K block (210 bytes) padded to a multiple of 16
+
+
+def pad_q6_k(raw: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks (1-D uint8) each padded to 224 bytes: 210-byte blocks fall at 2-byte alignment, which
+    limits every load to two bytes; padded, they load 16 bytes at a time (6.7 % more bytes)."""
+    return torch.nn.functional.pad(raw.view(-1, 210), (0, Q6_K_PADDED - 210)).reshape(-1)
+
+
+def unpad_q6_k(raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(-1, Q6_K_PADDED)[:, :210].reshape(-1)
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, K] (K a multiple of 32) rounded to 8 bits per 32 values: (int8 [R, K], float32 scales [R, K/32],
+    float32 sums of the int8 values per 16 [R, K/16]); x ~= q * scale."""
+    R, K = x.shape
+    xq = torch.empty(R, K, dtype=torch.int8, device=x.device)
+    dx = torch.empty(R, K // 32, dtype=torch.float32, device=x.device)
+    xs = torch.empty(R, K // 16, dtype=torch.float32, device=x.device)
+    bg = 8
+    _quantize_q8_kernel[(R, triton.cdiv(K // 32, bg))](x, xq, dx, xs, K, x.stride(0), xq.stride(0), dx.stride(0),
+                                                       xs.stride(0), BG=bg, num_warps=1)
+    return xq, dx, xs
+
+
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
-               aligned: bool = True, tune: tuple[int, int, int] | None = None) -> torch.Tensor:
+               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True,
+               padded: bool = False) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).
 
     x: [R, K] float32/bf16/fp16 on the GPU; base: a uint8 tensor; offs: int64 [P] device tensor; xrows:
-    int32/int64 [P]. ``aligned``: every weight starts 16-byte aligned (then the loads are wide). Returns
-    float32 [P, N]. The caller keeps the weights alive until the kernel has run. ``tune``: (rows per
-    program, warps, superblocks per step) instead of ``config``'s choice.
+    int32/int64 [P]. ``aligned``: every weight starts 16-byte aligned (then the loads are wide, and Q4_K and
+    Q5_K take 8-bit activations, see quantize_q8; ``q8=False`` keeps them float). Returns float32 [P, N].
+    The caller keeps the weights alive until the kernel has run. ``tune``: (rows per program, warps,
+    superblocks per step) instead of ``config``'s choice. ``padded``: Q6_K blocks padded to 224 bytes
+    (``pad_q6_k``).
     """
     N, K = shape
     P = offs.numel()
@@ -187,17 +329,26 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     if P == 0:
         return y
     per_block, block_bytes = GGML_QUANT_SIZES[qtype]
+    if padded:
+        block_bytes = Q6_K_PADDED
     row_bytes = K // per_block * block_bytes
     align = 16 if aligned and base.data_ptr() % 16 == 0 else 2
     name = qtype.name
     bn, warps, sb = config(name, N, K, P) if tune is None else tune
     grid = (triton.cdiv(N, bn), P)
+    if name in ("Q4_K", "Q5_K"):
+        sb = sb if (K // 256) % sb == 0 else 1
+        if q8 and align == 16:
+            xq, dx, xs = quantize_q8(x)
+            _q4_k_q8_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0), dx.stride(0),
+                                  xs.stride(0), y.stride(0), BN=bn, ALIGN=align, Q5=name == "Q5_K", SB=sb,
+                                  ASM=_ASM, num_warps=warps)
+            return y
     args = (base, offs, xrows, x, y, N, K, row_bytes, x.stride(0), y.stride(0))
     if name in ("Q4_K", "Q5_K"):
-        _q4_k_kernel[grid](*args, BN=bn, ALIGN=align, Q5=name == "Q5_K", SB=sb if (K // 256) % sb == 0 else 1,
-                           num_warps=warps)
+        _q4_k_kernel[grid](*args, BN=bn, ALIGN=align, Q5=name == "Q5_K", SB=sb, num_warps=warps)
     elif name == "Q6_K":
-        _q6_k_kernel[grid](*args, BN=bn, ALIGN=align, num_warps=warps)
+        _q6_k_kernel[grid](*args, BN=bn, ALIGN=align, BS=block_bytes, num_warps=warps)
     elif name == "Q8_0":
         _q8_0_kernel[grid](*args, BN=bn, ALIGN=align, NB=8, num_warps=warps)
     else:

@@ -134,6 +134,8 @@ def test_cli_run_missing_model(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_engine_equals_reference_at_any_budget(make_model):
+    """float32 on the GPU: the reference's logits but for the Q4_K experts' 8-bit activations (the fused
+    kernels round them per 32 values, as llama.cpp's GPU kernels do); the same logits at any budget."""
     path = make_model("qwen3moe", "Q4_K_M")
     ref = forward(open_gguf(path), TOKENS)[0]
     kw = dict(device="cuda", dtype=torch.float32, llama_numerics=False)
@@ -141,7 +143,7 @@ def test_cuda_engine_equals_reference_at_any_budget(make_model):
             fms.Engine.open(path, vram_cache="30%", ram_cache="30%", **kw) as b:
         full, tight = a.logits(TOKENS), b.logits(TOKENS)
         assert b.stats()["total"]["h2d_bytes"] > 0
-    assert torch.allclose(full, ref, atol=1e-3, rtol=1e-3)
+    assert_agrees_but_at_ties(full.cpu().numpy(), ref.numpy(), tol=0.01, min_decided=0.7)
     assert torch.allclose(full, tight, atol=1e-5, rtol=0)
 
 

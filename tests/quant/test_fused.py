@@ -12,9 +12,42 @@ from .test_dequant import F16_FIELDS, random_bytes
 FUSED = [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0]
 
 
-def _ref(x, raw, qtype, shape):
+Q8_ACTS = {Q.Q4_K, Q.Q5_K}  # these kernels multiply 8-bit activations (on 16-byte aligned weights)
+
+
+def _ref(x, raw, qtype, shape, fused=True):
+    """float64 reference: x (rounded to 8 bits per 32 values where a fused kernel rounds it) @ dequantize(raw).T"""
     w = quant.dequantize(raw, qtype, shape).double()
+    if fused and qtype in Q8_ACTS and x.is_cuda:
+        x = _q8_values(x)
     return x.double() @ w.T
+
+
+def _q8_values(x):
+    from flashmoe_stream.quant import _triton
+
+    xq, dx, _ = _triton.quantize_q8(x)
+    return (xq.double().view(x.shape[0], -1, 32) * dx.double()[..., None]).view(x.shape)
+
+
+@pytest.mark.gpu
+def test_activations_round_to_8_bits_per_32_values():
+    """quantize_q8: the scale is the group's largest magnitude / 127, each value is within half a step of
+    q * scale (the largest exactly +-127), and the sums per 16 are the int8 values' sums."""
+    from flashmoe_stream.quant import _triton
+
+    x = torch.randn(3, 1024, device="cuda") * torch.logspace(-3, 2, 1024, device="cuda")
+    x[1, :32] = 0  # an all-zero group: scale 0, q 0
+    xq, dx, xs = _triton.quantize_q8(x)
+    g = x.double().view(3, -1, 32)
+    amax = g.abs().amax(-1)
+    assert torch.allclose(dx.double(), amax / 127, rtol=1e-6, atol=0)
+    step = dx.double()[..., None]
+    err = (xq.double().view(3, -1, 32) * step - g).abs()
+    assert (err <= 0.5 * step * (1 + 1e-5)).all()
+    assert xq[1, :32].eq(0).all() and dx[1, 0] == 0
+    assert (xq.view(3, -1, 32).abs().amax(-1) == 127)[amax > 0].all()
+    assert torch.equal(xs, xq.float().view(3, -1, 16).sum(-1))
 
 
 def _blocks(qtype, shape, seed):
@@ -48,7 +81,13 @@ def test_fused_pairs_equal_dequantize_then_matmul(qtype, shape):
     for p, (w, r) in enumerate(zip(which, rows)):
         want = _ref(x[r: r + 1], weights[w], qtype, shape)[0]
         err = (y[p].double() - want).norm() / want.norm()
-        assert err < 1e-4, (p, float(err))
+        assert err < 1e-5, (p, float(err))
+    if qtype in Q8_ACTS:  # float activations, as the same weights at 2-byte alignment take them
+        yf = quant.fused_gemv_pairs(x, base, offs, torch.tensor(rows, device=dev), qtype, shape, aligned=False)
+        for p, (w, r) in enumerate(zip(which, rows)):
+            want = quant.dequantize(weights[w], qtype, shape).double() @ x[r].double()
+            assert (yf[p].double() - want).norm() / want.norm() < 1e-5
+            assert 1e-5 < (y[p].double() - want).norm() / want.norm() < 0.02  # 8-bit activations: close, not equal
 
 
 @pytest.mark.gpu
@@ -62,7 +101,7 @@ def test_qtensor_matmul_and_rows(qtype, T):
     assert qt.fused
     x = torch.randn(T, shape[1], device=dev)
     got = qt.matmul(x)
-    want = _ref(x, raw, qtype, shape)
+    want = _ref(x, raw, qtype, shape, fused=T <= 8)
     assert got.shape == (T, shape[0]) and got.dtype == torch.float32
     assert (got.double() - want).norm() / want.norm() < 1e-4
     ids = torch.tensor([[5, 0], [255, 5]], device=dev)
