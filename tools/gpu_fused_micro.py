@@ -69,15 +69,6 @@ for name, qt, shape, P in cases:
             ws, ptrs = sets[next(it) % 4]
             return quant.fused_gemv_pairs(x, ws[0], ptrs, xrows, qt, shape, q8=False)
         t_fl = tt.do_bench(floats, warmup=25, rep=200, return_mode="median")
-    if qt == Q.Q6_K and P == 1:  # blocks padded to 224 bytes, as QTensor keeps dense Q6_K on GPUs
-        from flashmoe_stream.quant import _triton
-        pads = [_triton.pad_q6_k(ws[0]) for ws, _ in sets]
-        zero = torch.zeros(1, dtype=torch.int64, device=dev)
-        yp = quant.fused_gemv_pairs(x, pads[0], zero, xrows, qt, shape, padded=True)
-        assert torch.allclose(yp, y, rtol=1e-4, atol=1e-3)
-        t_fl = tt.do_bench(lambda: quant.fused_gemv_pairs(x, pads[next(it) % 4], zero, xrows, qt, shape, padded=True),
-                           warmup=25, rep=200, return_mode="median")
-        print(f"  {name} padded to 224 B: {t_fl * 1e3:.1f} us", flush=True)
     t_d = tt.do_bench(deq, warmup=5, rep=100, return_mode="median") if n * P < 2e9 else None
     gbs = P * n / t_f / 1e6
     res["cases"].append({"case": name, "bytes": P * n, "fused_us": round(t_f * 1e3, 1), "fused_gb_s": round(gbs, 1),

@@ -46,3 +46,18 @@ with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="2G", n_c
                       "kernels_per_step": sum(r[1] for r in rows), "layers": m.cfg.n_layer}))
     for us, n, name in rows[:40]:
         print(json.dumps({"us": round(us, 1), "n": n, "kernel": name}))
+    # the fused GEMVs of layer 0's dense weights in place: 8-bit activations against float ones
+    import triton.testing as tt
+
+    from flashmoe_stream.quant import QTensor, _triton
+    h = torch.randn(1, m.cfg.n_embd, device="cuda", dtype=torch.bfloat16)
+    for name in ("q", "k", "v", "o"):
+        w = getattr(m.attn[0], name)
+        if not isinstance(w, QTensor):
+            continue
+        x = h if name != "o" else torch.randn(1, w.shape[1], device="cuda", dtype=torch.bfloat16)
+        z, r = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.zeros(1, dtype=torch.int64, device="cuda")
+        t = {q8: tt.do_bench(lambda q8=q8: _triton.gemv_pairs(x, w.raw, z, r, w.qtype, w.shape, q8=q8), warmup=20,
+                             rep=100, return_mode="median") * 1e3 for q8 in (True, False)}
+        print(json.dumps({"dense": name, "type": w.qtype.name, "shape": w.shape, "q8_us": round(t[True], 1),
+                          "float_us": round(t[False], 1)}))

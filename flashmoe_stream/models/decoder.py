@@ -70,12 +70,13 @@ class MoEDecoder(StreamingDecoder):
             self._graph = GraphDecode(self, self.resident, kv)
         logits = self._graph.step(tokens.reshape(1), kv.length)
         kv.length += 1
-        ids, weights = self._graph.routes()
-        ids, weights = ids.cpu(), weights.cpu()
-        for i in range(self.cfg.n_layer):
+        k = self.cfg.n_expert_used
+        for i in range(self.cfg.n_layer):  # one token's top-k: k distinct experts a layer, all resident
             if hasattr(self.experts, "count_hits"):
-                self.experts.count_hits(i, len(set(ids[i].tolist())))
-            if on_route is not None:
+                self.experts.count_hits(i, k)
+        if on_route is not None:  # the host sees the routes only when asked (one copy, one sync)
+            ids, weights = self._graph.routes()
+            for i in range(self.cfg.n_layer):
                 on_route(i, ids[i: i + 1], weights[i: i + 1])
         return [logits]
 

@@ -64,6 +64,7 @@ class GraphDecode:
         self.act = torch.zeros(k, self.types["down"][1][1], dtype=model.dtype, device=dev)
         self.graph = None
         self.logits = None
+        self._host = None  # pinned host copies of ids and weights (routes())
 
     @staticmethod
     def supported(model) -> bool:
@@ -128,8 +129,15 @@ class GraphDecode:
         return self.logits.clone()
 
     def routes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last step's expert ids and router weights, [n_layer, k] each."""
-        return self.ids, self.weights
+        """The last step's expert ids and router weights, [n_layer, k] each, on the host."""
+        if self._host is None:
+            self._host = (torch.empty(self.ids.shape, dtype=self.ids.dtype, pin_memory=True),
+                          torch.empty(self.weights.shape, dtype=self.weights.dtype, pin_memory=True))
+        ids, weights = self._host
+        ids.copy_(self.ids, non_blocking=True)
+        weights.copy_(self.weights, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return ids.clone(), weights.clone()
 
 
 __all__ = ["GraphDecode"]

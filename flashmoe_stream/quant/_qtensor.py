@@ -28,10 +28,6 @@ class QTensor:
             raise ValueError(f"QTensor needs 2-D {self.qtype.name} blocks, got shape {self.shape}, {raw.numel()} B")
         self.device = raw.device
         self.fused = _triton.supports(self.qtype, self.device) and raw.data_ptr() % 2 == 0
-        # on GPUs Q6_K blocks are kept padded to 16-byte alignment (wide loads in the fused kernel)
-        self.padded = self.fused and self.qtype.name == "Q6_K"
-        if self.padded:
-            self.raw = _triton.pad_q6_k(raw)
         self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows → (weight offsets, row ids)
 
     def __repr__(self) -> str:
@@ -40,11 +36,7 @@ class QTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         from . import dequantize
 
-        return dequantize(self._blocks(self.raw), self.qtype, self.shape, dtype or self.dtype)
-
-    def _blocks(self, raw: torch.Tensor) -> torch.Tensor:
-        """raw in the GGML layout (unpadded)."""
-        return _triton.unpad_q6_k(raw) if self.padded else raw
+        return dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` dequantised (an embedding lookup): [*ids.shape, K] in ``dtype``."""
@@ -52,7 +44,7 @@ class QTensor:
 
         N, K = self.shape
         sel = self.raw.view(N, -1)[ids.reshape(-1)]
-        return dequantize(self._blocks(sel.reshape(-1)), self.qtype, (sel.shape[0], K), self.dtype).view(*ids.shape, K)
+        return dequantize(sel.reshape(-1), self.qtype, (sel.shape[0], K), self.dtype).view(*ids.shape, K)
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x [..., K] @ W.T → [..., N] in ``out_dtype`` (default ``dtype``)."""
@@ -62,7 +54,7 @@ class QTensor:
         T = x2.shape[0]
         if self.fused and 0 < T <= FUSED_ROWS:
             offs, xrows = self._pair_tables(T)
-            y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape, padded=self.padded)  # float32
+            y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape)  # float32
         elif self.device.type == "cpu":
             from . import qmatmul
 

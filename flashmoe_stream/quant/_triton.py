@@ -215,12 +215,11 @@ if triton is not None:
 
     @triton.jit
     def _q6_k_kernel(base, offs, xrows, x, y, N, K, row_bytes, stride_x, stride_y, BN: tl.constexpr,
-                     ALIGN: tl.constexpr, BS: tl.constexpr):
+                     ALIGN: tl.constexpr):
         # Q6_K block (256 weights, 210 bytes): ql[128], qh[64], int8 scales[16], d (fp16 at 208).
         # Group G (0..7) of 16 ql bytes: half h = G//4, p = (G//2)%2, g = G%2; byte 64h + 32p + 16g + l'
         # gives (low nibble) weight 128h + 32p + 16g + l' and (high) that + 64; the two top bits come from
         # qh[32h + 16g + l'] at shift 2p (low) and 2p + 4 (high); scales 8h + g + 2p (+4 for high).
-        # BS: the blocks' stride, 210, or 224 where they are padded to 16-byte alignment (wide loads).
         p, w, xrow, rows, rmask = _pair(base, offs, xrows, x, stride_x, N, BN, ALIGN)
         row0 = w + rows.to(tl.int64) * row_bytes
         G = tl.arange(0, 8)
@@ -235,7 +234,7 @@ if triton is not None:
         sc_off = (8 * h + g + 2 * pp)[None, :, None] + 192  # [1, 8, 1]
         acc = tl.zeros([BN, 8, 16], dtype=tl.float32)
         for sb in range(K // 256):
-            blk = row0 + sb * BS
+            blk = row0 + sb * 210
             ql = tl.load(blk[:, None, None] + ql_off).to(tl.int32)  # [BN, 8, 16]
             qh = tl.load(blk[:, None, None] + qh_off).to(tl.int32)
             # the 6-bit value into a float's mantissa under the exponent of 2^23: two integer ops and a float
@@ -283,19 +282,6 @@ def supports(qtype, device: torch.device) -> bool:
     return triton is not None and device.type == "cuda" and getattr(qtype, "name", str(qtype)) in _TYPES
 
 
-Q6_K_PADDED = 224  # a Q6_K block (210 bytes) padded to a multiple of 16
-
-
-def pad_q6_k(raw: torch.Tensor) -> torch.Tensor:
-    """Q6_K blocks (1-D uint8) each padded to 224 bytes: 210-byte blocks fall at 2-byte alignment, which
-    limits every load to two bytes; padded, they load 16 bytes at a time (6.7 % more bytes)."""
-    return torch.nn.functional.pad(raw.view(-1, 210), (0, Q6_K_PADDED - 210)).reshape(-1)
-
-
-def unpad_q6_k(raw: torch.Tensor) -> torch.Tensor:
-    return raw.view(-1, Q6_K_PADDED)[:, :210].reshape(-1)
-
-
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] (K a multiple of 32) rounded to 8 bits per 32 values: (int8 [R, K], float32 scales [R, K/32],
     float32 sums of the int8 values per 16 [R, K/16]); x ~= q * scale."""
@@ -310,8 +296,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
-               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True,
-               padded: bool = False) -> torch.Tensor:
+               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).
 
@@ -319,8 +304,7 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     int32/int64 [P]. ``aligned``: every weight starts 16-byte aligned (then the loads are wide, and Q4_K and
     Q5_K take 8-bit activations, see quantize_q8; ``q8=False`` keeps them float). Returns float32 [P, N].
     The caller keeps the weights alive until the kernel has run. ``tune``: (rows per program, warps,
-    superblocks per step) instead of ``config``'s choice. ``padded``: Q6_K blocks padded to 224 bytes
-    (``pad_q6_k``).
+    superblocks per step) instead of ``config``'s choice.
     """
     N, K = shape
     P = offs.numel()
@@ -329,8 +313,6 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     if P == 0:
         return y
     per_block, block_bytes = GGML_QUANT_SIZES[qtype]
-    if padded:
-        block_bytes = Q6_K_PADDED
     row_bytes = K // per_block * block_bytes
     align = 16 if aligned and base.data_ptr() % 16 == 0 else 2
     name = qtype.name
@@ -348,7 +330,7 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     if name in ("Q4_K", "Q5_K"):
         _q4_k_kernel[grid](*args, BN=bn, ALIGN=align, Q5=name == "Q5_K", SB=sb, num_warps=warps)
     elif name == "Q6_K":
-        _q6_k_kernel[grid](*args, BN=bn, ALIGN=align, BS=block_bytes, num_warps=warps)
+        _q6_k_kernel[grid](*args, BN=bn, ALIGN=align, num_warps=warps)
     elif name == "Q8_0":
         _q8_0_kernel[grid](*args, BN=bn, ALIGN=align, NB=8, num_warps=warps)
     else:
