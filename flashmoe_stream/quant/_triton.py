@@ -30,13 +30,15 @@ except ImportError:  # CPU-only torch builds ship no Triton
     triton = None
 
 
-def config(name: str, N: int, K: int, P: int) -> tuple[int, int, int]:
-    """(rows per program, warps, K-quant superblocks per step): the fastest of a sweep on an H200 for the
-    Qwen3-235B shapes (tools/gpu_fused_micro.py sweep; docs/BENCHMARKS.md)."""
+def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, int, int]:
+    """(rows per program, warps, K-quant superblocks per step): the fastest of sweeps on an H200 for the
+    Qwen3-235B shapes, timed inside CUDA graphs (tools/gpu_profile.py; docs/BENCHMARKS.md)."""
     if name in ("Q4_K", "Q5_K"):
-        return (8, 4, 2) if P >= 8 else (8, 4, 4)
+        if not q8:  # float activations (weights not 16-byte aligned)
+            return (8, 2, 2) if P >= 8 else (8, 4, 4)
+        return (32, 4, 2) if P >= 8 else (8, 4, 2)
     if name == "Q6_K":
-        return 8, 2, 1
+        return (16, 8, 1) if N >= 32768 else ((4, 1, 1) if P >= 8 else (8, 2, 1))
     return 16, 2, 1
 
 
@@ -316,11 +318,12 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     row_bytes = K // per_block * block_bytes
     align = 16 if aligned and base.data_ptr() % 16 == 0 else 2
     name = qtype.name
-    bn, warps, sb = config(name, N, K, P) if tune is None else tune
+    q8 = q8 and align == 16 and name in ("Q4_K", "Q5_K")
+    bn, warps, sb = config(name, N, K, P, q8) if tune is None else tune
     grid = (triton.cdiv(N, bn), P)
     if name in ("Q4_K", "Q5_K"):
         sb = sb if (K // 256) % sb == 0 else 1
-        if q8 and align == 16:
+        if q8:
             xq, dx, xs = quantize_q8(x)
             _q4_k_q8_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0), dx.stride(0),
                                   xs.stride(0), y.stride(0), BN=bn, ALIGN=align, Q5=name == "Q5_K", SB=sb,
