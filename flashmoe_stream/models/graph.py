@@ -69,10 +69,11 @@ class GraphDecode:
     @staticmethod
     def supported(model) -> bool:
         """Whether ``model`` can decode from a graph here: a CUDA device, no llama.cpp activation rounding,
-        and every layer's expert types taken by the fused kernels (asked of the cache, before any load)."""
-        dev = model.device
-        return dev.type == "cuda" and not model.llama_numerics and \
-            all(fused_supported_for(model.experts, i, dev) for i in range(model.cfg.n_layer))
+        a power-of-two head size (the attention kernel's), and every layer's expert types taken by the
+        fused kernels (asked of the cache, before any load)."""
+        dev, c = model.device, model.cfg
+        return dev.type == "cuda" and not model.llama_numerics and c.head_dim & (c.head_dim - 1) == 0 and \
+            c.n_head % c.n_head_kv == 0 and all(fused_supported_for(model.experts, i, dev) for i in range(c.n_layer))
 
     # --- one step, as captured ------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
