@@ -96,3 +96,90 @@ def assert_argmax_but_at_ties(ours, ref, min_decided: float = 0.8) -> None:
     decided = top2[:, 1] - top2[:, 0] > 2 * abs(ours - ref).max(-1)
     assert decided.mean() >= min_decided  # the exception is rare: the test is not vacuous
     assert (ours.argmax(-1) == ref.argmax(-1))[decided].all()
+
+
+# --- near-ties of the router ------------------------------------------------------------------------
+# A top-k router whose k-th and (k+1)-th probabilities are close can choose either: after llama.cpp's
+# 8-bit rounding of activations, a last-bit difference picks the other expert, and that position's logits
+# part by up to ~15 % of the range. Such a position is explained, not hidden, when our router has a
+# near-tie there and taking its other side brings the logits back. (qwen3moe and llama-with-experts:
+# routing through models.common.route.)
+
+def _in_ffn(eng):
+    """Wraps the engine's MoE step: returns a one-item list that holds the layer being computed (else None)."""
+    m, current = eng.model, [None]
+    ffn = m.ffn
+
+    def ffn_of_layer(i, x):
+        current[0] = i
+        try:
+            return ffn(i, x)
+        finally:
+            current[0] = None
+
+    m.ffn = ffn_of_layer
+    return current
+
+
+def record_routing_margins(eng) -> list:
+    """Records, per layer, each position's (p_k - p_k+1) / p_k for the engine's k-th and (k+1)-th largest
+    router probabilities (the router's input exactly as models.common.moe computes it): fills and returns a
+    list of [T] arrays, one per layer, as the engine computes logits."""
+    from flashmoe_stream.models.common import rms_norm
+
+    m, k, margins = eng.model, eng.model.cfg.n_expert_used, []
+    ffn = m.ffn
+
+    def recording_ffn(i, x):
+        w = m.ffn_w[i]
+        p = (rms_norm(x, w.norm, m.cfg.rms_eps) @ w.router.float().T).softmax(-1).sort(-1, descending=True).values
+        margins.append(((p[:, k - 1] - p[:, k]) / p[:, k - 1]).numpy())
+        return ffn(i, x)
+
+    m.ffn = recording_ffn
+    return margins
+
+
+def _logits_with_other_expert(monkeypatch, eng, current, toks, layer, pos):
+    """The engine's logits with position ``pos`` routed, at ``layer``, to the (k+1)-th expert instead of the
+    k-th (``current``: from _in_ffn(eng))."""
+    from flashmoe_stream.models import common
+
+    route = common.route
+
+    def swapped(h, router, k, norm_topk):
+        if current[0] != layer:
+            return route(h, router, k, norm_topk)
+        w, ids = (h.float() @ router.float().T).softmax(-1).topk(k + 1, dim=-1)
+        w[pos, [k - 1, k]], ids[pos, [k - 1, k]] = w[pos, [k, k - 1]], ids[pos, [k, k - 1]]
+        w, ids = w[:, :k], ids[:, :k]
+        return (w / w.sum(-1, keepdim=True) if norm_topk else w), ids
+
+    with monkeypatch.context() as mp:
+        mp.setattr(common, "route", swapped)
+        return eng.logits(toks).numpy()
+
+
+def assert_within_but_at_near_ties(monkeypatch, path, toks, ours, ref, margins, tol: float = 0.02,
+                                   max_off: float = 0.03) -> None:
+    """Every position within ``tol`` of llama.cpp's logit range, but the rare one (at most ``max_off`` of
+    them) where some layer's expert choice is a near-tie (margin < 10 %, from record_routing_margins) whose
+    other side is within ``tol``."""
+    import numpy as np
+
+    import flashmoe_stream as fms
+
+    G = np.stack(margins)  # [layer, position]
+    scale = ref.max() - ref.min()
+    d = abs(ours - ref).max(-1) / scale
+    off = np.nonzero(d > tol)[0]
+    assert len(off) <= max_off * len(d), f"{len(off)} of {len(d)} positions beyond {tol:.0%}"
+    if len(off):
+        with fms.Engine.open(path, ram_cache="100%") as eng:
+            current = _in_ffn(eng)
+            for p in off:
+                near = [int(i) for i in np.argsort(G[:, p]) if G[i, p] < 0.1]
+                assert near, f"position {p} is {d[p]:.3f} of the range off with no near-tie in its routing"
+                other = [abs(_logits_with_other_expert(monkeypatch, eng, current, toks, i, p)[p] - ref[p]).max()
+                         / scale for i in near]
+                assert min(other) <= tol, f"position {p}: {d[p]:.3f} off, {min(other):.3f} with the other expert"

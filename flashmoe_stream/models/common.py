@@ -33,6 +33,8 @@ def act_for(qtype) -> "Callable[[torch.Tensor], torch.Tensor] | None":
 def mm(x: torch.Tensor, w: torch.Tensor | QTensor, act) -> torch.Tensor:
     """x @ w.T with the activations first rounded as llama.cpp would (``act`` None: exact). ``w`` may be
     a QTensor (kept in its GGML blocks): the result is then in its ``dtype``."""
+    if isinstance(w, QTensor) and act is not None and w.device.type == "cpu":
+        return w.matmul(x, round_acts=True)  # the native kernels round as llama.cpp does, then integer dots
     if act is not None:
         x = act(x).to(w.dtype)
     if isinstance(w, QTensor):

@@ -139,6 +139,11 @@ class RouterWeights:
 
 
 class Deepseek2Decoder(StreamingDecoder):
+    # On the CPU the dense weights are dequantised once (float32 matmuls): with the native quantised kernels
+    # the random-weight fixtures' agreement moves at routing near-ties, and the near-tie rule the other
+    # families' tests use (tests/reference.py) is not written for grouped sigmoid routing yet.
+    CPU_QUANTISED_DENSE = False
+
     def __init__(self, cfg: Deepseek2Config, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
                  prefetch: bool = True, weight_types: Mapping[str, Any] | None = None):
         self.cfg, self.experts, self.prefetch = cfg, experts, prefetch

@@ -132,9 +132,13 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, sha
     """
     qtype = as_qtype(qtype)
     if x.device.type == "cpu":
-        out = _cpu.qmatmul_cpu(x, raw, qtype, shape, round_acts)
-        if out is not None:
-            return out
+        rows = x.reshape(-1, x.shape[-1])
+        # a prompt's rows in chunks the native kernels take: each row's result is the same either way, and
+        # dequantising the weight for every call would cost more than the chunks' extra weight decoding
+        parts = [_cpu.qmatmul_cpu(rows[i: i + _cpu.MAX_ROWS], raw, qtype, shape, round_acts)
+                 for i in range(0, rows.shape[0], _cpu.MAX_ROWS)]
+        if parts and all(p is not None for p in parts):
+            return torch.cat(parts).reshape(*x.shape[:-1], parts[0].shape[-1])
     return _rounded(x, qtype, round_acts) @ dequantize(raw, qtype, shape).T
 
 

@@ -46,8 +46,9 @@ class QTensor:
         sel = self.raw.view(N, -1)[ids.reshape(-1)]
         return dequantize(sel.reshape(-1), self.qtype, (sel.shape[0], K), self.dtype).view(*ids.shape, K)
 
-    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x [..., K] @ W.T → [..., N] in ``out_dtype`` (default ``dtype``)."""
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None, round_acts: bool = False) -> torch.Tensor:
+        """x [..., K] @ W.T → [..., N] in ``out_dtype`` (default ``dtype``). ``round_acts`` (CPU): round x
+        first as llama.cpp's CPU backend does for this type (the native kernels' integer dot products)."""
         N, K = self.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
@@ -58,7 +59,7 @@ class QTensor:
         elif self.device.type == "cpu":
             from . import qmatmul
 
-            y = qmatmul(x2, self.raw, self.qtype, self.shape)  # native, or dequantise + matmul
+            y = qmatmul(x2, self.raw, self.qtype, self.shape, round_acts)  # native, or dequantise + matmul
         else:
             y = x2.to(self.dtype) @ self.dequantize().T
         return y.to(out_dtype or self.dtype).view(*lead, N)

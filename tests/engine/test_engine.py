@@ -13,7 +13,8 @@ from flashmoe_stream.errors import BudgetError, FlashMoeError
 from flashmoe_stream.gguf_file import open_gguf
 from flashmoe_stream.io import ExpertStore
 
-from ..reference import assert_agrees_but_at_ties, forward
+from ..reference import (assert_agrees_but_at_ties, assert_argmax_but_at_ties, assert_within_but_at_near_ties, forward,
+                         record_routing_margins)
 
 TOKENS = np.random.default_rng(5).integers(0, 300, 20).tolist()
 
@@ -157,19 +158,22 @@ def test_cuda_engine_bf16_generates(make_model):
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
-def test_engine_logits_agree_with_llama_cpp_on_q4_k_m(make_model, llama_cpp, arch):
+def test_engine_logits_agree_with_llama_cpp_on_q4_k_m(make_model, llama_cpp, monkeypatch, arch):
     """With llama.cpp's activation rounding (the default), no logit is further than 2 % of the reference's
-    logit range, and the argmax is llama.cpp's wherever llama.cpp's own top two are not a near-tie.
-    (llama-cpp-python 0.3.36 moved one qwen3moe position: its top two 0.028 apart, our difference 0.05.
-    The every-position bar is tested on trained models, whose choices are not near-ties.)"""
+    logit range but at a router's near-tie whose other side is within 2 % (a random router has many: the
+    native CPU kernels' summation order moved one qwen3moe position to 7 %, back to 0.7 % with the other
+    expert), and the argmax is llama.cpp's wherever llama.cpp's own top two are not a near-tie. (The
+    every-position bar is tested on trained models, whose choices are rarely near-ties.)"""
     path = make_model(arch, "Q4_K_M")
     toks = np.random.default_rng(1).integers(0, 300, 48).tolist()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, n_batch=64, logits_all=True, verbose=False)
     llm.eval(toks)
     ref = np.asarray(llm.scores[: len(toks)])
     with fms.Engine.open(path, ram_cache="10%") as eng:
+        margins = record_routing_margins(eng)
         ours = eng.logits(toks).numpy()
-    assert_agrees_but_at_ties(ours, ref, min_decided=0.7)  # random logits: near-ties are common (21 % here)
+    assert_within_but_at_near_ties(monkeypatch, path, toks, ours, ref, margins, max_off=0.1)
+    assert_argmax_but_at_ties(ours, ref, min_decided=0.7)  # random logits: near-ties are common (21 % here)
 
 
 def test_a_prompt_that_extends_the_last_one_only_prefills_what_is_new(make_model):

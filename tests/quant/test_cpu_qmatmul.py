@@ -158,6 +158,19 @@ def test_many_rows_dequantise_and_multiply(round_acts):
 
 
 @needs_native
+@pytest.mark.parametrize("round_acts", [False, True], ids=["float", "llama"])
+def test_a_prompt_runs_in_native_chunks_each_row_as_alone(round_acts):
+    """qmatmul of more rows than one native call takes: chunks of MAX_ROWS, each row bit-identical to the
+    row multiplied alone (a prompt's logits do not depend on how its rows were grouped)."""
+    qtype, shape = Q.Q4_K, (8, 256)
+    raw = weights(qtype, shape, seed=3)
+    x = acts((2 * _cpu.MAX_ROWS + 5, 256), seed=2)
+    got = quant.qmatmul(x, raw, qtype, shape, round_acts)
+    alone = torch.cat([quant.qmatmul(x[i: i + 1], raw, qtype, shape, round_acts) for i in range(x.shape[0])])
+    assert torch.equal(got, alone)
+
+
+@needs_native
 def test_too_many_rows_is_left_to_the_caller():
     shape = (8, 256)
     x = acts((_cpu.MAX_ROWS + 1, 256), seed=0)
