@@ -314,3 +314,28 @@ def test_cuda_tier(store):
         s = cache.stats()
         assert s["total"]["h2d_bytes"] >= s["device"]["resident"] > 0
         assert_consistent(s)
+
+
+def test_prefetch_of_a_layer_whose_prefetches_go_unused_is_cut_to_probes(store):
+    """A layer whose prefetched experts keep leaving unused is prefetched only every PREFETCH_PROBE-th call
+    once PREFETCH_TRUST_AFTER of them are resolved; a layer whose prefetches are used is prefetched always."""
+    from flashmoe_stream.cache import expert_cache as ec
+
+    dev, host, used = sizes(store)
+    n = store.n_expert
+    calls = 4 * ec.PREFETCH_TRUST_AFTER
+    with ExpertCache(store, device_budget=2 * used * dev, host_budget=2 * used * host, policy="lru") as cache:
+        for t in range(calls):
+            cache.prefetch(1, [t % n])  # asked for next
+            assert cache.wait_idle()
+            cache.get(1, [t % n])
+            cache.prefetch(0, [2 + t % (n - 2)])  # never asked for
+            assert cache.wait_idle()
+            cache.get(0, [0, 1])
+        s = cache.stats()["layers"]
+        assert_consistent(cache.stats())
+    assert s[1]["prefetch_issued"] >= calls - used and s[1]["prefetch_precision"] > 0.9
+    assert s[0]["prefetch_useful"] == 0
+    # trusted for the first PREFETCH_TRUST_AFTER (plus the few still in the caches), then one call in PROBE
+    most = ec.PREFETCH_TRUST_AFTER + 2 * used + calls // ec.PREFETCH_PROBE
+    assert ec.PREFETCH_TRUST_AFTER <= s[0]["prefetch_issued"] <= most, s[0]["prefetch_issued"]
