@@ -6,6 +6,7 @@ to check synthetic models and, later, the streaming runtime. Returns logits and 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from flashmoe_stream.gguf_file import GGUFModel
@@ -102,8 +103,8 @@ def assert_argmax_but_at_ties(ours, ref, min_decided: float = 0.8) -> None:
 # A top-k router whose k-th and (k+1)-th probabilities are close can choose either: after llama.cpp's
 # 8-bit rounding of activations, a last-bit difference picks the other expert, and that position's logits
 # part by up to ~15 % of the range. Such a position is explained, not hidden, when our router has a
-# near-tie there and taking its other side brings the logits back. (qwen3moe and llama-with-experts:
-# routing through models.common.route.)
+# near-tie there and taking its other side brings the logits back. (qwen3moe and llama-with-experts
+# route through models.common.route; deepseek2 through its model's scores() and route().)
 
 def _in_ffn(eng):
     """Wraps the engine's MoE step: returns a one-item list that holds the layer being computed (else None)."""
@@ -121,19 +122,34 @@ def _in_ffn(eng):
     return current
 
 
+def _margins(s, k):
+    """(s_k - s_k+1) / |s_k| of each row's k-th and (k+1)-th largest selection scores [T, n]."""
+    s = s.sort(-1, descending=True).values
+    return ((s[:, k - 1] - s[:, k]) / s[:, k - 1].abs()).nan_to_num(nan=float("inf")).numpy()
+
+
 def record_routing_margins(eng) -> list:
-    """Records, per layer, each position's (p_k - p_k+1) / p_k for the engine's k-th and (k+1)-th largest
-    router probabilities (the router's input exactly as models.common.moe computes it): fills and returns a
-    list of [T] arrays, one per layer, as the engine computes logits."""
+    """Records, per MoE layer, each position's (s_k - s_k+1) / |s_k| for the engine's k-th and (k+1)-th
+    largest router selection scores (the router's input exactly as the model computes it): fills and
+    returns a list of [T] arrays, one per layer, as the engine computes logits."""
     from flashmoe_stream.models.common import rms_norm
 
     m, k, margins = eng.model, eng.model.cfg.n_expert_used, []
     ffn = m.ffn
 
     def recording_ffn(i, x):
-        w = m.ffn_w[i]
-        p = (rms_norm(x, w.norm, m.cfg.rms_eps) @ w.router.float().T).softmax(-1).sort(-1, descending=True).values
-        margins.append(((p[:, k - 1] - p[:, k]) / p[:, k - 1]).numpy())
+        if hasattr(m, "scores"):  # deepseek2: its dense layers have no router; a MoE layer records two rows,
+            if i in m.router:     # the experts' margin within the chosen groups, then the groups' own
+                h = rms_norm(x, m.router[i].norm, m.cfg.rms_eps)
+                probs, sel = m.scores(i, h)
+                margins.append(_margins(sel, k))
+                raw = probs if m.router[i].bias is None else probs + m.router[i].bias.float()
+                grouped = m.cfg.n_expert_groups > 1
+                margins.append(_margins(m.group_scores(raw), m.cfg.n_group_used) if grouped else
+                               np.full(len(h), np.inf))
+        else:
+            w = m.ffn_w[i]
+            margins.append(_margins((rms_norm(x, w.norm, m.cfg.rms_eps) @ w.router.float().T).softmax(-1), k))
         return ffn(i, x)
 
     m.ffn = recording_ffn
@@ -145,6 +161,29 @@ def _logits_with_other_expert(monkeypatch, eng, current, toks, layer, pos):
     k-th (``current``: from _in_ffn(eng))."""
     from flashmoe_stream.models import common
 
+    m = eng.model
+    if hasattr(m, "scores"):  # deepseek2: ``layer`` indexes record_routing_margins' rows: MoE layer, then kind
+        route, moe_layer, of_groups = m.route, sorted(m.router)[layer // 2], layer % 2 == 1
+
+        def swapped_ds(i, h, ids=None):
+            if ids is not None or current[0] != moe_layer:
+                return route(i, h, ids)
+            k, used = m.cfg.n_expert_used, m.cfg.n_group_used
+            groups = None
+            if of_groups:  # the last chosen group and the first one left out trade places
+                probs, _ = m.scores(i, h)
+                raw = probs if m.router[i].bias is None else probs + m.router[i].bias.float()
+                groups = m.group_scores(raw).topk(used + 1, dim=-1).indices
+                groups[pos, [used - 1, used]] = groups[pos, [used, used - 1]]
+                groups = groups[:, :used]
+            top = m.scores(i, h, groups)[1].topk(k + 1, dim=-1).indices
+            if not of_groups:
+                top[pos, [k - 1, k]] = top[pos, [k, k - 1]]
+            return route(i, h, top[:, :k])
+
+        with monkeypatch.context() as mp:
+            mp.setattr(m, "route", swapped_ds)
+            return eng.logits(toks).numpy()
     route = common.route
 
     def swapped(h, router, k, norm_topk):

@@ -139,10 +139,7 @@ class RouterWeights:
 
 
 class Deepseek2Decoder(StreamingDecoder):
-    # On the CPU the dense weights are dequantised once (float32 matmuls): with the native quantised kernels
-    # the random-weight fixtures' agreement moves at routing near-ties, and the near-tie rule the other
-    # families' tests use (tests/reference.py) is not written for grouped sigmoid routing yet.
-    CPU_QUANTISED_DENSE = False
+    CPU_QUANTISED_DENSE = True  # on the CPU, the dense matmuls run on the blocks (native kernels)
 
     def __init__(self, cfg: Deepseek2Config, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
                  prefetch: bool = True, weight_types: Mapping[str, Any] | None = None):
@@ -237,25 +234,39 @@ class Deepseek2Decoder(StreamingDecoder):
         o = torch.einsum("thr,hvr->thv", o_lat.to(w.v_b.dtype), w.v_b)
         return mm(o.reshape(T, -1).to(dt), w.o, a["attn_output"]).float()
 
-    def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k], expert ids [T, k]) for the normed rows h of MoE layer i."""
-        c, rw = self.cfg, self.router[i]
-        logits = h.float() @ rw.router.float().T
-        probs = logits.sigmoid() if c.expert_gating == "sigmoid" else logits.softmax(-1)
-        sel = probs if rw.bias is None else probs + rw.bias.float()
-        if c.n_expert_groups > 1:
-            T, G = sel.shape[0], c.n_expert_groups
-            groups = sel.view(T, G, -1)
-            best = groups.topk(2, dim=-1).values.sum(-1).topk(c.n_group_used, dim=-1).indices  # [T, used groups]
-            keep = torch.zeros(T, G, dtype=torch.bool, device=sel.device).scatter_(1, best, True)
-            sel = groups.masked_fill(~keep[..., None], float("-inf")).view(T, -1)
-        ids = sel.topk(c.n_expert_used, dim=-1).indices
+    def route(self, i: int, h: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k], expert ids [T, k]) for the normed rows h of MoE layer i (the weights of ``ids``
+        instead of the top-k's where given)."""
+        c = self.cfg
+        probs, sel = self.scores(i, h)
+        if ids is None:
+            ids = sel.topk(c.n_expert_used, dim=-1).indices
         weights = probs.gather(1, ids)
         if c.expert_weights_norm:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
         if c.expert_weights_scale != 1.0:
             weights = weights * c.expert_weights_scale
         return weights, ids
+
+    def scores(self, i: int, h: torch.Tensor, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's probabilities [T, n_expert] for the normed rows h of MoE layer i, and the scores the
+        top-k is taken over (the bias added, the experts of groups not chosen at -inf; ``groups`` [T, used]
+        instead of the best groups where given)."""
+        c, rw = self.cfg, self.router[i]
+        logits = h.float() @ rw.router.float().T
+        probs = logits.sigmoid() if c.expert_gating == "sigmoid" else logits.softmax(-1)
+        sel = probs if rw.bias is None else probs + rw.bias.float()
+        if c.n_expert_groups > 1:
+            T, G = sel.shape[0], c.n_expert_groups
+            if groups is None:
+                groups = self.group_scores(sel).topk(c.n_group_used, dim=-1).indices  # [T, used groups]
+            keep = torch.zeros(T, G, dtype=torch.bool, device=sel.device).scatter_(1, groups, True)
+            sel = sel.view(T, G, -1).masked_fill(~keep[..., None], float("-inf")).view(T, -1)
+        return probs, sel
+
+    def group_scores(self, sel: torch.Tensor) -> torch.Tensor:
+        """Each expert group's score [T, n_groups]: the sum of its two best selection scores."""
+        return sel.view(sel.shape[0], self.cfg.n_expert_groups, -1).topk(2, dim=-1).values.sum(-1)
 
     def ffn(self, i: int, x: torch.Tensor):
         c = self.cfg
