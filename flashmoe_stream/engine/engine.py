@@ -88,7 +88,7 @@ class Engine:
         from ..cache import ExpertCache
         from ..gguf_file import open_gguf
         from ..io import ExpertStore
-        from ..models import build_model, cpu_quantised_dense
+        from ..models import build_model
         from .tokenizer import Tokenizer
 
         dev = resolve_device(device)
@@ -98,7 +98,7 @@ class Engine:
         store = ExpertStore(path)
         dense = open_gguf(store.dense_path)
         cfg = store.config
-        weights = _load_dense(dense, dev, dtype, cpu_quantised_dense(cfg))
+        weights = _load_dense(dense, dev, dtype)
         expert_bytes = sum(store.expert_nbytes(layer) * store.n_expert for layer in store.layers)
         ram = parse_size(ram_cache, expert_bytes) if ram_cache is not None else \
             psutil.virtual_memory().available // 2
@@ -236,16 +236,16 @@ def _make_resident(model, cache, cfg) -> None:
     model.use_resident_experts(experts)
 
 
-def _load_dense(model, dev: torch.device, dtype: torch.dtype, quantised_cpu: bool) -> dict:
+def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict:
     """Every non-expert tensor onto the device: on GPUs the matrices in their GGML blocks (QTensor) where
     a fused kernel multiplies them in place, else dequantised once (norms and routers in float32).
 
-    On the CPU the matrices of families that ask for it (``quantised_cpu``, models.cpu_quantised_dense)
-    stay in their blocks too, multiplied by the native kernels with llama.cpp's activation rounding and
-    integer dot products (the attention projections of the qwen3-30b shape: ~70 ms a token in float32,
-    decode +9 % on the 2-core box); otherwise only the embedding table and the output head do. Their
-    summation order differs from float32's in the last bits, which on random-weight fixtures flips a
-    router's near-tie here and there (tests/reference.py: assert_within_but_at_near_ties)."""
+    On the CPU the matrices stay in their blocks too where the native kernels take the type, multiplied
+    with llama.cpp's activation rounding and integer dot products (the attention projections of the
+    qwen3-30b shape: ~70 ms a token in float32, decode +9 % on the 2-core box; DeepSeek-V3's dense part
+    would take ~60 GB of RAM in float32). Their summation order differs from float32's in the last bits,
+    which on random-weight fixtures flips a router's near-tie here and there (tests/reference.py:
+    assert_within_but_at_near_ties)."""
     from ..model_info import expert_tensor_layer
     from ..quant import QTensor, dequantize, fused_supported, native_supported
 
@@ -255,8 +255,7 @@ def _load_dense(model, dev: torch.device, dtype: torch.dtype, quantised_cpu: boo
             continue
         raw = torch.from_numpy(model.tensor_bytes(name).copy()).to(dev)
         keep_f32 = len(t.shape) == 1 or name.endswith("ffn_gate_inp.weight")
-        cpu_ok = dev.type == "cpu" and native_supported(t.qtype) and \
-            (quantised_cpu or name in ("output.weight", "token_embd.weight"))
+        cpu_ok = dev.type == "cpu" and native_supported(t.qtype)
         if not keep_f32 and len(t.shape) == 2 and (fused_supported(t.qtype, dev) or cpu_ok):
             out[name] = QTensor(raw, t.qtype, t.shape, dtype)
         else:

@@ -24,11 +24,5 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], experts: 
     return _DECODERS.get(cfg.arch, MoEDecoder)(cfg, weights, experts, prefetch, weight_types)
 
 
-def cpu_quantised_dense(cfg: ModelConfig) -> bool:
-    """Whether ``cfg``'s family multiplies its dense weights on the CPU in their GGML blocks (native
-    kernels, llama.cpp's activation rounding); else they are dequantised once to float32."""
-    return getattr(_DECODERS.get(cfg.arch, MoEDecoder), "CPU_QUANTISED_DENSE", False)
-
-
-__all__ = ["ARCHITECTURES", "cpu_quantised_dense", "Deepseek2Decoder", "ExpertSource", "KVCache", "MLAKVCache", "MoEDecoder",
+__all__ = ["ARCHITECTURES", "Deepseek2Decoder", "ExpertSource", "KVCache", "MLAKVCache", "MoEDecoder",
            "StreamingDecoder", "build_model"]

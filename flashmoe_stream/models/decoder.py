@@ -20,8 +20,6 @@ from .common import (AttentionWeights, ExpertSource, KVCache, MoEWeights, act_fo
 
 
 class MoEDecoder(StreamingDecoder):
-    CPU_QUANTISED_DENSE = True  # on the CPU, the dense matmuls run on the blocks (native kernels)
-
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
                  prefetch: bool = True, weight_types: Mapping[str, Any] | None = None):
         """``weight_types`` (GGUF name → ggml type of the dense weights): when given, activations are

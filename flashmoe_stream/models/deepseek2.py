@@ -139,8 +139,6 @@ class RouterWeights:
 
 
 class Deepseek2Decoder(StreamingDecoder):
-    CPU_QUANTISED_DENSE = True  # on the CPU, the dense matmuls run on the blocks (native kernels)
-
     def __init__(self, cfg: Deepseek2Config, weights: Mapping[str, torch.Tensor], experts: ExpertSource,
                  prefetch: bool = True, weight_types: Mapping[str, Any] | None = None):
         self.cfg, self.experts, self.prefetch = cfg, experts, prefetch
