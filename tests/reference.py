@@ -91,8 +91,6 @@ def assert_argmax_but_at_ties(ours, ref, min_decided: float = 0.8) -> None:
     """The argmax is llama.cpp's at every position where llama.cpp's own top two logits are further apart
     than twice our largest difference there. Where they are not, no implementation that is not
     bit-identical to llama.cpp can promise the same choice; such positions must stay rare (``min_decided``)."""
-    import numpy as np
-
     top2 = np.sort(ref, -1)[:, -2:]
     decided = top2[:, 1] - top2[:, 0] > 2 * abs(ours - ref).max(-1)
     assert decided.mean() >= min_decided  # the exception is rare: the test is not vacuous
@@ -141,12 +139,10 @@ def record_routing_margins(eng) -> list:
         if hasattr(m, "scores"):  # deepseek2: its dense layers have no router; a MoE layer records two rows,
             if i in m.router:     # the experts' margin within the chosen groups, then the groups' own
                 h = rms_norm(x, m.router[i].norm, m.cfg.rms_eps)
-                probs, sel = m.scores(i, h)
-                margins.append(_margins(sel, k))
-                raw = probs if m.router[i].bias is None else probs + m.router[i].bias.float()
+                margins.append(_margins(m.scores(i, h)[1], k))
                 grouped = m.cfg.n_expert_groups > 1
-                margins.append(_margins(m.group_scores(raw), m.cfg.n_group_used) if grouped else
-                               np.full(len(h), np.inf))
+                margins.append(_margins(m.group_scores(m.selection(i, h)[1]), m.cfg.n_group_used) if grouped
+                               else np.full(len(h), np.inf))
         else:
             w = m.ffn_w[i]
             margins.append(_margins((rms_norm(x, w.norm, m.cfg.rms_eps) @ w.router.float().T).softmax(-1), k))
@@ -171,9 +167,7 @@ def _logits_with_other_expert(monkeypatch, eng, current, toks, layer, pos):
             k, used = m.cfg.n_expert_used, m.cfg.n_group_used
             groups = None
             if of_groups:  # the last chosen group and the first one left out trade places
-                probs, _ = m.scores(i, h)
-                raw = probs if m.router[i].bias is None else probs + m.router[i].bias.float()
-                groups = m.group_scores(raw).topk(used + 1, dim=-1).indices
+                groups = m.group_scores(m.selection(i, h)[1]).topk(used + 1, dim=-1).indices
                 groups[pos, [used - 1, used]] = groups[pos, [used, used - 1]]
                 groups = groups[:, :used]
             top = m.scores(i, h, groups)[1].topk(k + 1, dim=-1).indices
@@ -204,8 +198,6 @@ def assert_within_but_at_near_ties(monkeypatch, path, toks, ours, ref, margins, 
     """Every position within ``tol`` of llama.cpp's logit range, but the rare one (at most ``max_off`` of
     them) where some layer's expert choice is a near-tie (margin < 10 %, from record_routing_margins) whose
     other side is within ``tol``."""
-    import numpy as np
-
     import flashmoe_stream as fms
 
     G = np.stack(margins)  # [layer, position]

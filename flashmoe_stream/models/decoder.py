@@ -70,10 +70,9 @@ class MoEDecoder(StreamingDecoder):
             self._graph = GraphDecode(self, self.resident, kv)
         logits = self._graph.step(tokens.reshape(1), kv.length)
         kv.length += 1
-        k = self.cfg.n_expert_used
-        for i in range(self.cfg.n_layer):  # one token's top-k: k distinct experts a layer, all resident
-            if hasattr(self.experts, "count_hits"):
-                self.experts.count_hits(i, k)
+        if hasattr(self.experts, "count_hits"):  # one token's top-k: k distinct experts a layer, all resident
+            for i in range(self.cfg.n_layer):
+                self.experts.count_hits(i, self.cfg.n_expert_used)
         if on_route is not None:  # the host sees the routes only when asked (one copy, one sync)
             ids, weights = self._graph.routes()
             for i in range(self.cfg.n_layer):

@@ -246,14 +246,19 @@ class Deepseek2Decoder(StreamingDecoder):
             weights = weights * c.expert_weights_scale
         return weights, ids
 
-    def scores(self, i: int, h: torch.Tensor, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router's probabilities [T, n_expert] for the normed rows h of MoE layer i, and the scores the
-        top-k is taken over (the bias added, the experts of groups not chosen at -inf; ``groups`` [T, used]
-        instead of the best groups where given)."""
+    def selection(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's probabilities [T, n_expert] for the normed rows h of MoE layer i, and the selection
+        scores (the bias added), before any group is left out."""
         c, rw = self.cfg, self.router[i]
         logits = h.float() @ rw.router.float().T
         probs = logits.sigmoid() if c.expert_gating == "sigmoid" else logits.softmax(-1)
-        sel = probs if rw.bias is None else probs + rw.bias.float()
+        return probs, (probs if rw.bias is None else probs + rw.bias.float())
+
+    def scores(self, i: int, h: torch.Tensor, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """selection()'s probabilities, and the scores the top-k is taken over: the experts of groups not
+        chosen at -inf (``groups`` [T, used] instead of the best groups where given)."""
+        c = self.cfg
+        probs, sel = self.selection(i, h)
         if c.n_expert_groups > 1:
             T, G = sel.shape[0], c.n_expert_groups
             if groups is None:
