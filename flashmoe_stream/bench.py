@@ -92,6 +92,10 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         # over the whole run: a prefetch issued during prefill can be used during decode
         "prefetch_precision": after["prefetch_useful"] / after["prefetch_issued"] if after["prefetch_issued"] else None,
         "waited_on_io_s": round(d["wait_s"], 3),
+        # the share of decode time a disk read was running, and the reads' speed while one was: a low
+        # share means the disk idled (compute not overlapped with reads), a low speed that reads were slow
+        "disk_busy_fraction": round(d["io_busy_s"] / decode_s, 3),
+        "read_gb_per_s_while_busy": round(d["disk_bytes"] / d["io_busy_s"] / 1e9, 3) if d["io_busy_s"] else None,
         # the memory-bandwidth bound: GGUF bytes one token reads (dense minus embeddings, k experts per
         # layer) at the device's copy bandwidth measured in this run
         "active_bytes_per_token": active,

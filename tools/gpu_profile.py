@@ -93,7 +93,8 @@ with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="2G", n_c
     (tg, sg), (td, sd) = g.types["gate"], g.types["down"]
     q4 = [(8, 4, 2), (8, 2, 2), (8, 4, 4), (16, 4, 2), (16, 2, 2), (16, 4, 4), (32, 4, 2), (32, 8, 4), (4, 2, 2),
           (8, 8, 2), (4, 1, 2), (16, 8, 2)]
-    q6 = [(8, 2, 1), (8, 4, 1), (16, 2, 1), (16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 1), (4, 1, 1), (4, 2, 1)]
+    q6 = [(8, 2, 1), (8, 4, 1), (16, 2, 1), (16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 1), (4, 1, 1), (4, 2, 1),
+          (8, 4, 2), (16, 4, 2), (16, 8, 2), (32, 8, 2), (4, 2, 2), (64, 8, 1)]
     cases = {
         "dense q": (q4, lambda t, q8: [_triton.gemv_pairs(h, m.attn[i].q.raw, z, r, m.attn[i].q.qtype,
                                                           m.attn[i].q.shape, tune=t, q8=q8) for i in range(L)],
@@ -104,14 +105,17 @@ with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="2G", n_c
         "down": (q6, lambda t, q8: [_triton.gemv_pairs(act, g.base, d_offs[i], xr_d, td, sd, tune=t, q8=q8)
                                     for i in range(L)], td.name, kk * L * _triton.GGML_QUANT_SIZES[td][1]
                  * sd[0] * sd[1] // _triton.GGML_QUANT_SIZES[td][0]),
-        "head": (q6, lambda t, q8: _triton.gemv_pairs(h, m.output.raw, z, r, m.output.qtype, m.output.shape, tune=t),
+        "head": (q6, lambda t, q8: _triton.gemv_pairs(h, m.output.raw, z, r, m.output.qtype, m.output.shape, tune=t,
+                                                      q8=q8),
                  m.output.qtype.name, m.output.raw.numel()),
     }
     for case, (tunes, fn, qt, nbytes) in cases.items():
         per = 1 if case == "head" else L
         res = []
-        for q8 in ((True, False) if qt in ("Q4_K", "Q5_K") else (True,)):
+        for q8 in ((True, False) if qt in ("Q4_K", "Q5_K", "Q6_K") else (True,)):
             for t in tunes:
+                if t[2] > 1 and not q8 and qt == "Q6_K":
+                    continue  # the float Q6_K kernel takes one superblock a step
                 try:
                     us = graph_us(lambda t=t, q8=q8: fn(t, q8)) / per
                 except Exception as e:  # noqa: BLE001 - a shape the compiler rejects
@@ -121,4 +125,5 @@ with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="2G", n_c
         res.sort()
         print(json.dumps({"case": case, "type": qt, "MB_per_call": round(nbytes / per / 1e6, 1),
                           "best": [(round(u, 1), t, q8, round(nbytes / per / u / 1e3)) for u, t, q8 in res[:4]],
-                          "default": [(round(u, 1), t, q8) for u, t, q8 in res if t in ((8, 4, 2), (8, 4, 4), (8, 2, 1))]}))
+                          "default": [(round(u, 1), t, q8) for u, t, q8 in res if t in ((8, 4, 2), (8, 4, 4), (8, 2, 1),
+                                                                                       (16, 4, 1))]}))

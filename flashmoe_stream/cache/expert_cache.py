@@ -545,6 +545,7 @@ class ExpertCache:
             for c in layers.values():
                 for k in total:
                     total[k] += c[k]
+            total["io_busy_s"] = float(getattr(self._reader, "busy_s", 0.0))  # time a disk read was running
             for c in (*layers.values(), total):
                 c["prefetch_precision"] = c["prefetch_useful"] / c["prefetch_issued"] if c["prefetch_issued"] else 0.0
                 c["prefetch_recall"] = c["prefetch_useful"] / c["requests"] if c["requests"] else 0.0

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class Reader:
         self._pending: set[Future] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._active, self._busy_since, self._busy_total = 0, 0.0, 0.0  # reads running; for busy_s
         self._workers = [threading.Thread(target=self._work, name=f"flashmoe-io-{i}", daemon=True)
                          for i in range(threads)]
         for w in self._workers:
@@ -138,6 +140,20 @@ class Reader:
         with self._lock:
             return len(self._pending)
 
+    @property
+    def busy_s(self) -> float:
+        """Seconds so far during which at least one read was running (the disk was kept busy)."""
+        with self._lock:
+            return self._busy_total + (time.perf_counter() - self._busy_since if self._active else 0.0)
+
+    def _busy(self, delta: int) -> None:
+        with self._lock:
+            if delta > 0 and self._active == 0:
+                self._busy_since = time.perf_counter()
+            self._active += delta
+            if delta < 0 and self._active == 0:
+                self._busy_total += time.perf_counter() - self._busy_since
+
     def _done(self, fut: Future) -> None:
         with self._lock:
             self._pending.discard(fut)
@@ -150,11 +166,14 @@ class Reader:
                 return
             if not req.future.set_running_or_notify_cancel():
                 continue
+            self._busy(1)
             try:
                 blob = self._read(req.layout, req.out)
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                self._busy(-1)
                 req.future.set_exception(e)
             else:
+                self._busy(-1)
                 req.future.set_result(blob)
 
     # --- the reads -------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class MoEDecoder(StreamingDecoder):
         rounded as llama.cpp's CPU kernels round them (see common.act_for), so logits match llama.cpp's."""
         self.cfg, self.experts, self.prefetch = cfg, experts, prefetch
         self.resident = None  # every expert on the GPU: single tokens decode from a CUDA graph
+        self.fused_steps = True  # else single tokens on a GPU run the torch layer loop (a reference)
+        self._fused_ok, self._stream = None, None
         self.llama_numerics = weight_types is not None
         act = (lambda name: act_for(weight_types[name])) if weight_types is not None else (lambda name: None)
         W = weights.__getitem__
@@ -46,9 +48,9 @@ class MoEDecoder(StreamingDecoder):
     # --- decode from a CUDA graph when every expert stays on the GPU (models/graph.py) -------------
     def graphs_supported(self) -> bool:
         """Whether single tokens can decode from a CUDA graph here (ask before loading every expert)."""
-        from .graph import GraphDecode
+        from .graph import supported
 
-        return GraphDecode.supported(self)
+        return supported(self)
 
     def use_resident_experts(self, experts: dict[int, list]) -> None:
         """Decode single tokens from a CUDA graph over ``experts`` (every expert of every layer, on the
@@ -57,14 +59,15 @@ class MoEDecoder(StreamingDecoder):
             raise ValueError("CUDA-graph decode needs every layer's experts on a supported GPU")
         self.resident, self._graph = experts, None
 
+    @torch.no_grad()
     def forward_batch(self, segments, on_route=None):
-        if self.resident is None or len(segments) != 1 or segments[0][0].numel() != 1:
-            return super().forward_batch(segments, on_route)
+        if len(segments) != 1 or segments[0][0].numel() != 1 or segments[0][1].length >= segments[0][1].n_ctx:
+            return super().forward_batch(segments, on_route)  # (a full context: its error)
+        if self.resident is None:
+            return self._stream_step(segments[0], on_route)
         from .graph import GraphDecode
 
         tokens, kv = segments[0]
-        if kv.length >= kv.n_ctx:
-            return super().forward_batch(segments, on_route)  # its error
         if self._graph is None or self._graph.kv is not kv:
             self._graph = None  # one graph at a time: the last KV cache's
             self._graph = GraphDecode(self, self.resident, kv)
@@ -77,6 +80,23 @@ class MoEDecoder(StreamingDecoder):
             ids, weights = self._graph.routes()
             for i in range(self.cfg.n_layer):
                 on_route(i, ids[i: i + 1], weights[i: i + 1])
+        return [logits]
+
+    def _stream_step(self, segment, on_route):
+        """One token of one sequence with the fused kernels, its experts from the cache (models/graph.py),
+        where they run here (``fused_steps``), else the layer loop."""
+        from .graph import StreamDecode
+
+        tokens, kv = segment
+        if self._fused_ok is None:
+            self._fused_ok = StreamDecode.supported(self)
+        if not (self.fused_steps and self._fused_ok):
+            return super().forward_batch([segment], on_route)
+        if self._stream is None or self._stream.kv is not kv:
+            self._stream = None
+            self._stream = StreamDecode(self, kv)
+        logits = self._stream.step(tokens, kv.length, on_route)
+        kv.length += 1
         return [logits]
 
     @staticmethod

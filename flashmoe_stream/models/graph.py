@@ -1,16 +1,19 @@
-"""Decode from a CUDA graph when every expert stays on the GPU (qwen3moe, llama-with-experts).
-
-When the device tier holds the whole model nothing needs to be fetched, so the host has no reason to
-see the routing: one token's pass through every layer (attention, routing, the fused expert kernels,
-the head) is captured once as a CUDA graph and replayed per token, with the token's embedding and
-its position as device inputs (the embedding lookup runs before the replay). The experts are
-addressed through per-layer offset tables indexed by the router's choice on the device. Eager decode
-costs a Python round trip and a host sync per layer; a replay costs one launch per token.
+"""One-token decode steps on a CUDA GPU from fused kernels (qwen3moe, llama-with-experts).
 
 Each layer is about fifteen launches (models/_fused.py: residual add + RMSNorm, q/k-norm + RoPE + the
-KV-cache write, attention, routing, SiLU * up; the fused GEMV kernels for the matmuls). Attention
-reads the position from the device and loops over the filled part of the cache, so the graph does
-not depend on the length filled.
+KV-cache write, attention, routing, SiLU * up; the fused GEMV kernels for the matmuls, their input
+rounded to 8 bits once for q, k and v). Attention reads the position from the device and loops over
+the filled part of the cache, so nothing depends on the length filled. Two ways to run them:
+
+* ``GraphDecode``, when the device tier holds the whole model: nothing needs to be fetched, so the host
+  has no reason to see the routing. One token's pass through every layer (the embedding lookup,
+  attention, routing, the fused expert kernels, the head) is captured once as a CUDA graph and
+  replayed per token, with the token and its position as device inputs; the experts are addressed
+  through per-layer offset tables indexed by the router's choice on the device.
+* ``StreamDecode``, when experts stream through the cache: the same kernels launched one layer at a
+  time, with one host round trip a layer (the chosen experts' ids, and the next layer's predicted ones,
+  come back in one copy; the cache's get() gives their device addresses). The torch layer loop costs
+  ~100 launches and two host syncs a layer; the disk idles while it runs.
 """
 
 from __future__ import annotations
@@ -18,39 +21,39 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quant import QTensor, fused_gemv_pairs
+from ..quant import QTensor, fused_gemv_pairs, fused_quantize_q8
 from .common import fused_supported_for, mm, rope_angles
 
-
-def _proj(x: torch.Tensor, w) -> torch.Tensor:
-    """x [1, K] @ w.T as float32 [N] (a fused kernel where w is a QTensor that one takes)."""
-    return (w.matmul(x, torch.float32) if isinstance(w, QTensor) else mm(x, w, None).float()).view(-1)
+_NAMES = ("gate", "up", "down")
 
 
-class GraphDecode:
-    """One-token steps of ``model`` (an MoEDecoder) over one KV cache, replayed from a CUDA graph.
+def _proj(x: torch.Tensor, w, x8=None) -> torch.Tensor:
+    """x [1, K] @ w.T as float32 [N] (a fused kernel where w is a QTensor that one takes; ``x8``: x rounded
+    to 8 bits, shared by the weights that multiply the same x)."""
+    return (w.matmul(x, torch.float32, x8=x8) if isinstance(w, QTensor) else mm(x, w, None).float()).view(-1)
 
-    ``experts[layer]`` lists every expert of the layer (the cache's ExpertWeights, on the GPU); holding
-    them keeps their memory valid for the graph's lifetime whatever the cache does.
-    """
 
-    def __init__(self, model, experts: dict[int, list], kv):
+def supported(model) -> bool:
+    """Whether ``model`` can decode one token with the fused kernels here: a CUDA device, no llama.cpp
+    activation rounding, a power-of-two head size (the attention kernel's), and every layer's expert
+    types taken by the fused kernels (asked of the cache, before any load)."""
+    dev, c = model.device, model.cfg
+    return dev.type == "cuda" and not model.llama_numerics and c.head_dim & (c.head_dim - 1) == 0 and \
+        c.n_head % c.n_head_kv == 0 and all(fused_supported_for(model.experts, i, dev) for i in range(c.n_layer))
+
+
+class _FusedStep:
+    """The buffers of one-token steps of ``model`` (an MoEDecoder) over one KV cache, and a layer's kernels."""
+
+    def __init__(self, model, kv):
         c = model.cfg
         self.model, self.kv, self.cfg = model, kv, c
-        self.experts = experts  # referenced: the addresses in the tables stay valid
-        dev = model.device
-        self.device = dev
-        first = experts[min(experts)][0].blocks
-        self.base = first["gate"].data
-        self.types = {n: (b.qtype, b.shape) for n, b in first.items()}
-        addrs = np.array([[[e.blocks[n].data.data_ptr() for e in experts[i]] for n in ("gate", "up", "down")]
-                          for i in range(c.n_layer)], dtype=np.int64)  # [L, 3, n_expert]
-        self.aligned = not (addrs % 16).any()
-        self.tables = torch.from_numpy(addrs - self.base.data_ptr()).to(dev)
+        dev = self.device = model.device
         k = c.n_expert_used
         self.xrows_gu = torch.zeros(2 * k, dtype=torch.int64, device=dev)
         self.xrows_down = torch.arange(k, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.inp = torch.zeros(2, dtype=torch.int64, device=dev)  # the token and its position
+        self.tok, self.pos = self.inp[:1], self.inp[1:]
         self.x_in = torch.zeros(1, c.n_embd, dtype=torch.float32, device=dev)
         self.ids = torch.zeros(c.n_layer, k, dtype=torch.int64, device=dev)
         self.weights = torch.zeros(c.n_layer, k, dtype=torch.float32, device=dev)
@@ -61,51 +64,99 @@ class GraphDecode:
         self.hf = torch.zeros(c.n_embd, dtype=torch.float32, device=dev)  # ... in float32, for the router
         self.q = torch.zeros(c.n_head * c.head_dim, dtype=torch.float32, device=dev)
         self.att = torch.zeros(c.n_head * c.head_dim, dtype=model.dtype, device=dev)
-        self.act = torch.zeros(k, self.types["down"][1][1], dtype=model.dtype, device=dev)
+        self.act = None  # SiLU(gate) * up, [k, n_ff] (n_ff known from the first experts)
+        self._in_host = torch.zeros(2, dtype=torch.int64, pin_memory=True)
+        self._in_copied = torch.cuda.Event()  # recorded after each copy of _in_host
+
+    def _set_input(self, token: torch.Tensor, pos: int) -> None:
+        """The token and its position into the device inputs (one copy from pinned memory)."""
+        self._in_copied.synchronize()  # the last copy has read the pinned buffer (at once if never recorded)
+        self._in_host.numpy()[:] = (int(token.reshape(-1)[0]), pos)
+        self.inp.copy_(self._in_host, non_blocking=True)
+        self._in_copied.record()
+
+    def _embed(self) -> None:
+        from . import _fused as K
+
+        m = self.model
+        self.x_in.copy_(m.embed(self.tok))
+        K.add_norm(self.x_in.view(-1), None, None, m.attn[0].norm, self.cfg.rms_eps, self.h)
+
+    def _attention(self, i: int) -> torch.Tensor:
+        """Layer i's attention added to the residual, the FFN's input normed into h (and hf); returns the
+        router's logits [n_expert]."""
+        from . import _fused as K
+
+        m, c, kv = self.model, self.cfg, self.kv
+        w, f = m.attn[i], m.ffn_w[i]
+        h1 = self.h.view(1, -1)
+        x8 = fused_quantize_q8(h1)  # q, k and v multiply the same input
+        q, kk, v = (_proj(h1, t, x8) for t in (w.q, w.k, w.v))
+        K.qk_rope(q, kk, v, w.q_norm, w.k_norm, self.cos, self.sin, self.pos, kv.k[i], kv.v[i], self.q, c.rms_eps,
+                  c.rope_neox)
+        K.attend(self.q, kv.k[i], kv.v[i], self.pos, self.att)
+        K.add_norm(self.x_in.view(-1), _proj(self.att.view(1, -1), w.o), None, f.norm, c.rms_eps, self.h, self.hf)
+        return (self.hf.view(1, -1) @ f.router.T).view(-1)
+
+    def _experts(self, i: int, offs: torch.Tensor, base: torch.Tensor, types: dict, aligned: bool) -> None:
+        """Layer i's routed experts (pairs: ``offs`` [3k] bytes from ``base``, gate then up then down) weighted
+        into the residual, the next layer's input normed into h."""
+        from . import _fused as K
+
+        m, c = self.model, self.cfg
+        k = c.n_expert_used
+        (tg, sg), (tu, su), (td, sd) = (types[n] for n in _NAMES)
+        h1 = self.h.view(1, -1)
+        if tg == tu:
+            gu = fused_gemv_pairs(h1, base, offs[:2 * k], self.xrows_gu, tg, sg, aligned)
+        else:
+            x8 = fused_quantize_q8(h1)
+            gu = torch.cat([fused_gemv_pairs(h1, base, offs[j * k:(j + 1) * k], self.xrows_gu[:k], t, sh, aligned, x8=x8)
+                            for j, (t, sh) in enumerate(((tg, sg), (tu, su)))])
+        if self.act is None:
+            self.act = torch.zeros(k, sd[1], dtype=m.dtype, device=self.device)
+        K.silu_mul(gu, self.act)
+        y = fused_gemv_pairs(self.act, base, offs[2 * k:], self.xrows_down, td, sd, aligned)
+        nxt = m.attn[i + 1].norm if i + 1 < c.n_layer else m.out_norm
+        K.add_norm(self.x_in.view(-1), y, self.weights[i], nxt, c.rms_eps, self.h)
+
+    def _head(self) -> torch.Tensor:
+        return _proj(self.h.view(1, -1), self.model.output).view(1, -1)
+
+
+class GraphDecode(_FusedStep):
+    """One-token steps replayed from a CUDA graph. ``experts[layer]`` lists every expert of the layer (the
+    cache's ExpertWeights, on the GPU); holding them keeps their memory valid for the graph's lifetime
+    whatever the cache does."""
+
+    supported = staticmethod(supported)
+
+    def __init__(self, model, experts: dict[int, list], kv):
+        super().__init__(model, kv)
+        c = self.cfg
+        self.experts = experts  # referenced: the addresses in the tables stay valid
+        first = experts[min(experts)][0].blocks
+        self.base = first["gate"].data
+        self.types = {n: (b.qtype, b.shape) for n, b in first.items()}
+        addrs = np.array([[[e.blocks[n].data.data_ptr() for e in experts[i]] for n in _NAMES]
+                          for i in range(c.n_layer)], dtype=np.int64)  # [L, 3, n_expert]
+        self.aligned = not (addrs % 16).any()
+        self.tables = torch.from_numpy(addrs - self.base.data_ptr()).to(self.device)
         self.graph = None
         self.logits = None
         self._host = None  # pinned host copies of ids and weights (routes())
 
-    @staticmethod
-    def supported(model) -> bool:
-        """Whether ``model`` can decode from a graph here: a CUDA device, no llama.cpp activation rounding,
-        a power-of-two head size (the attention kernel's), and every layer's expert types taken by the
-        fused kernels (asked of the cache, before any load)."""
-        dev, c = model.device, model.cfg
-        return dev.type == "cuda" and not model.llama_numerics and c.head_dim & (c.head_dim - 1) == 0 and \
-            c.n_head % c.n_head_kv == 0 and all(fused_supported_for(model.experts, i, dev) for i in range(c.n_layer))
-
-    # --- one step, as captured ------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
         from . import _fused as K
 
-        m, c, kv = self.model, self.cfg, self.kv
-        k, eps = c.n_expert_used, c.rms_eps
-        (tg, sg), (tu, su), (td, sd) = self.types["gate"], self.types["up"], self.types["down"]
-        x, h, h1 = self.x_in.view(-1), self.h, self.h.view(1, -1)  # the residual stream, updated in place
-        K.add_norm(x, None, None, m.attn[0].norm, eps, h)
+        c = self.cfg
+        self._embed()
         for i in range(c.n_layer):
-            w, f = m.attn[i], m.ffn_w[i]
-            q, kk, v = (_proj(h1, t) for t in (w.q, w.k, w.v))
-            K.qk_rope(q, kk, v, w.q_norm, w.k_norm, self.cos, self.sin, self.pos, kv.k[i], kv.v[i], self.q, eps,
-                      c.rope_neox)
-            K.attend(self.q, kv.k[i], kv.v[i], self.pos, self.att)
-            K.add_norm(x, _proj(self.att.view(1, -1), w.o), None, f.norm, eps, h, self.hf)
-            K.route_topk((self.hf.view(1, -1) @ f.router.T).view(-1), self.tables[i], k, c.expert_weights_norm,
-                         self.ids[i], self.weights[i], self.offs[i])
-            offs = self.offs[i]
-            if tg == tu:
-                gu = fused_gemv_pairs(h1, self.base, offs[:2 * k], self.xrows_gu, tg, sg, self.aligned)
-            else:
-                gu = torch.cat([fused_gemv_pairs(h1, self.base, offs[j * k:(j + 1) * k], self.xrows_gu[:k], t, sh,
-                                                 self.aligned) for j, (t, sh) in enumerate(((tg, sg), (tu, su)))])
-            K.silu_mul(gu, self.act)
-            y = fused_gemv_pairs(self.act, self.base, offs[2 * k:], self.xrows_down, td, sd, self.aligned)
-            nxt = m.attn[i + 1].norm if i + 1 < c.n_layer else m.out_norm
-            K.add_norm(x, y, self.weights[i], nxt, eps, h)
-        return _proj(h1, m.output).view(1, -1)
+            K.route_topk(self._attention(i), self.tables[i], c.n_expert_used, c.expert_weights_norm, self.ids[i],
+                         self.weights[i], self.offs[i])
+            self._experts(i, self.offs[i], self.base, self.types, self.aligned)
+        return self._head()
 
-    # --- use ------------------------------------------------------------------------------------
     def _capture(self) -> None:
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -122,10 +173,9 @@ class GraphDecode:
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [1, n_vocab] of ``token`` (one id) at position ``pos``; writes its K and V there."""
         if self.graph is None:
-            self.pos.fill_(0)
+            self._set_input(token, 0)
             self._capture()
-        self.x_in.copy_(self.model.embed(token.to(self.device)))
-        self.pos.fill_(pos)
+        self._set_input(token, pos)
         self.graph.replay()
         return self.logits.clone()
 
@@ -141,4 +191,65 @@ class GraphDecode:
         return ids.clone(), weights.clone()
 
 
-__all__ = ["GraphDecode"]
+class StreamDecode(_FusedStep):
+    """One-token steps with the experts from the cache (``model.experts``), one host round trip a layer."""
+
+    supported = staticmethod(supported)
+
+    def __init__(self, model, kv):
+        super().__init__(model, kv)
+        c = self.cfg
+        k = c.n_expert_used
+        self.base = torch.zeros(16, dtype=torch.uint8, device=self.device)  # offsets are from here
+        self.table = torch.zeros(3, c.n_expert, dtype=torch.int64, device=self.device)  # route_topk's (unused)
+        self.pred = torch.zeros(k, dtype=torch.int64, device=self.device)
+        self.xn = torch.zeros(c.n_embd, dtype=torch.float32, device=self.device)  # normed for the prediction
+        self._back = torch.zeros(2 * k, dtype=torch.int64, pin_memory=True)  # ids, then the predicted ids
+        self._wback = torch.zeros(k, dtype=torch.float32, pin_memory=True)
+        self._offs_host = torch.zeros(c.n_layer, 3 * k, dtype=torch.int64, pin_memory=True)
+        self._copied = [torch.cuda.Event() for _ in range(c.n_layer)]  # the last copy of _offs_host[i] read it
+
+    def step(self, token: torch.Tensor, pos: int, on_route=None) -> torch.Tensor:
+        """Logits [1, n_vocab] of ``token`` at position ``pos`` (writes its K and V there); ``on_route`` as
+        the layer loop calls it."""
+        from . import _fused as K
+
+        m, c = self.model, self.cfg
+        cache, k, L = m.experts, c.n_expert_used, c.n_layer
+        stream = torch.cuda.current_stream(self.device)
+        self._set_input(token, pos)
+        self._embed()
+        for i in range(L):
+            K.route_topk(self._attention(i), self.table, k, c.expert_weights_norm, self.ids[i], self.weights[i],
+                         self.offs[i])
+            ahead = m.prefetch and i + 1 < L
+            if ahead:  # the next layer's router on this layer's attention output: its likely experts
+                K.add_norm(self.x_in.view(-1), None, None, m.ffn_w[i + 1].norm, c.rms_eps, self.xn)
+                self.pred.copy_((self.xn.view(1, -1) @ m.ffn_w[i + 1].router.T).view(-1).topk(k).indices)
+            back = self._back[: 2 * k if ahead else k]
+            back[:k].copy_(self.ids[i], non_blocking=True)
+            if ahead:
+                back[k:].copy_(self.pred, non_blocking=True)
+            if on_route is not None:
+                self._wback.copy_(self.weights[i], non_blocking=True)
+            stream.synchronize()
+            ids = back[:k].tolist()
+            if ahead:
+                cache.prefetch(i + 1, back[k:].tolist())
+            got = cache.get(i, ids)
+            if on_route is not None:
+                on_route(i, back[:k].clone().view(1, k), self._wback.clone().view(1, k))
+            addrs = np.array([[e.blocks[n].data.data_ptr() for e in got] for n in _NAMES], dtype=np.int64)
+            self._copied[i].synchronize()
+            self._offs_host[i].numpy()[:] = (addrs - self.base.data_ptr()).reshape(-1)
+            self.offs[i].copy_(self._offs_host[i], non_blocking=True)
+            self._copied[i].record()
+            b = got[0].blocks
+            self._experts(i, self.offs[i], self.base, {n: (b[n].qtype, b[n].shape) for n in _NAMES},
+                          not (addrs % 16).any())
+        # get(i) pins layer i's experts until a get() of another layer, which follows a sync after their
+        # kernels: the cache never evicts what a queued kernel still reads
+        return self._head()
+
+
+__all__ = ["GraphDecode", "StreamDecode", "supported"]

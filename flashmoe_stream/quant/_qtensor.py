@@ -46,16 +46,18 @@ class QTensor:
         sel = self.raw.view(N, -1)[ids.reshape(-1)]
         return dequantize(sel.reshape(-1), self.qtype, (sel.shape[0], K), self.dtype).view(*ids.shape, K)
 
-    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None, round_acts: bool = False) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None, round_acts: bool = False,
+               x8: tuple | None = None) -> torch.Tensor:
         """x [..., K] @ W.T → [..., N] in ``out_dtype`` (default ``dtype``). ``round_acts`` (CPU): round x
-        first as llama.cpp's CPU backend does for this type (the native kernels' integer dot products)."""
+        first as llama.cpp's CPU backend does for this type (the native kernels' integer dot products).
+        ``x8``: ``quantize_q8(x)`` already made (several weights multiplying the same x share it; GPUs)."""
         N, K = self.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
         T = x2.shape[0]
         if self.fused and 0 < T <= FUSED_ROWS:
             offs, xrows = self._pair_tables(T)
-            y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape)  # float32
+            y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape, x8=x8)  # float32
         elif self.device.type == "cpu":
             from . import qmatmul
 

@@ -10,10 +10,10 @@ The arithmetic is float32: per 16- or 32-weight group, the integer quants times 
 summed, then scaled (``d*sc*sum(q*x) - dmin*m*sum(x)``), which is the reference dequantisation
 ``(d*sc)*q - dmin*m`` regrouped: the same function to float32 rounding.
 
-Q4_K and Q5_K multiply 8-bit activations instead, as llama.cpp's GPU kernels do: x is rounded per 32
-values to int8 with one float scale (``quantize_q8``), and four weight nibbles times four activation
-bytes are summed by one integer instruction (dp4a); converting every weight to float was what bounded
-the float kernels (a quarter-rate instruction per weight).
+Q4_K, Q5_K and Q6_K multiply 8-bit activations instead, as llama.cpp's GPU kernels do: x is rounded per
+32 values to int8 with one float scale (``quantize_q8``), and four weights times four activation bytes
+are summed by one integer instruction (dp4a); converting every weight to float was what bounded the
+float kernels (a quarter-rate instruction per weight). ``q8=False`` keeps float activations.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, int
             return (8, 2, 2) if P >= 8 else (8, 4, 4)
         return (32, 4, 2) if P >= 8 else (8, 4, 2)
     if name == "Q6_K":
+        if q8:  # not swept yet
+            return (16, 4, 1) if N >= 32768 else ((8, 2, 1) if P >= 8 else (8, 2, 1))
         return (16, 8, 1) if N >= 32768 else ((4, 1, 1) if P >= 8 else (8, 2, 1))
     return 16, 2, 1
 
@@ -253,6 +255,61 @@ if triton is not None:
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
     @triton.jit
+    def _q6_k_q8_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s, stride_y,
+                        BN: tl.constexpr, ALIGN: tl.constexpr, SB: tl.constexpr, ASM: tl.constexpr):
+        # As _q6_k_kernel, on 8-bit activations. A block is 105 halfwords (210 bytes: every other block of a
+        # row is only 2-byte aligned), read as halfwords and paired into words. Over [rows BN, superblocks SB,
+        # u 4, words 4]: u = 2h + s picks half h and 16-weight step s; word jj of it (j = 4s + jj) holds bytes
+        # 4j.. of ql's quarters A = ql[64h:], B = ql[64h + 32:] and of H = qh[32h:]. The four 6-bit values
+        # v_k of weight 128h + 32k + 4j.. are A's and B's low then high nibbles with H's bits 2k, 2k + 1 on top;
+        # dp4a(v_k, x) - 32 * sum(x) is the integer dot of (v - 32) with the group of 16, scale byte 8h + 2k + s.
+        p = tl.program_id(1)
+        w = base + tl.multiple_of(tl.load(offs + p), ALIGN)
+        xr = tl.load(xrows + p).to(tl.int64)
+        xw = (xq + xr * stride_q).to(tl.pointer_type(tl.int32))
+        dxr = dx + xr * stride_d
+        xsr = xs + xr * stride_s
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        rmask = rows < N
+        row0 = w + tl.where(rmask, rows, 0).to(tl.int64) * row_bytes  # [BN] byte pointers
+        sbi = tl.arange(0, SB)[None, :, None, None]
+        u = tl.arange(0, 4)[None, None, :, None]
+        jj = tl.arange(0, 4)[None, None, None, :]
+        h = u // 2
+        j = 4 * (u % 2) + jj
+        half_a = 105 * sbi + 32 * h + 2 * j  # [1, SB, 4, 4]: halfword index of A's word j
+        half_h = 105 * sbi + 64 + 16 * h + 2 * j
+        xword = 64 * sbi + 32 * h + j  # the activation word of weights 128h + 4j.. (k = 0; + 8k)
+        u3 = tl.arange(0, 4)[None, None, :]
+        s3 = tl.arange(0, SB)[None, :, None]
+        h3 = u3 // 2
+        g16 = 8 * h3 + u3 % 2  # [1, 1, 4]: the k = 0 group of 16 (+ 2k)
+        acc = tl.zeros([BN, SB, 4], dtype=tl.float32)
+        for sb in range(0, K // 256, SB):
+            blk = row0 + sb * 210  # [BN]
+            hw = blk.to(tl.pointer_type(tl.int16))[:, None, None, None]
+            A = (tl.load(hw + half_a).to(tl.int32) & 0xFFFF) | (tl.load(hw + half_a + 1).to(tl.int32) << 16)
+            B = (tl.load(hw + half_a + 16).to(tl.int32) & 0xFFFF) | (tl.load(hw + half_a + 17).to(tl.int32) << 16)
+            H = (tl.load(hw + half_h).to(tl.int32) & 0xFFFF) | (tl.load(hw + half_h + 1).to(tl.int32) << 16)
+            xb = xw + sb * 64 + xword
+            bb = blk[:, None, None] + 210 * s3  # [BN, SB, 1]: each superblock's first byte
+            d = _f16(bb + 208)
+            gs = sb * 16 + 16 * s3 + g16  # [1, SB, 4]: the k = 0 groups' activation sums
+            ga = sb * 8 + 8 * s3 + 4 * h3  # ... and their 32-value activation scales (+ k)
+            for kq in tl.static_range(4):
+                if kq % 2 == 0:
+                    lo4 = (A >> (4 * (kq // 2))) & 0x0F0F0F0F
+                else:
+                    lo4 = (B >> (4 * (kq // 2))) & 0x0F0F0F0F
+                v = lo4 | (((H >> (2 * kq)) & 0x03030303) << 4)
+                dot = tl.sum(_dp4a(v, tl.broadcast_to(tl.load(xb + 8 * kq), v.shape), ASM), axis=3)  # [BN, SB, 4]
+                sc = tl.load(bb + 192 + g16 + 2 * kq).to(tl.int8, bitcast=True).to(tl.float32)
+                xsum = tl.load(xsr + gs + 2 * kq)
+                acc += (d * sc) * tl.load(dxr + ga + kq) * (dot.to(tl.float32) - 32.0 * xsum)
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
+
+    @triton.jit
     def _q8_0_kernel(base, offs, xrows, x, y, N, K, row_bytes, stride_x, stride_y, BN: tl.constexpr,
                      ALIGN: tl.constexpr, NB: tl.constexpr):
         # Q8_0 block (32 weights, 34 bytes): d (fp16), 32 int8. NB blocks of a row per step.
@@ -298,15 +355,18 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
-               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True) -> torch.Tensor:
+               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True,
+               x8: tuple | None = None) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).
 
     x: [R, K] float32/bf16/fp16 on the GPU; base: a uint8 tensor; offs: int64 [P] device tensor; xrows:
     int32/int64 [P]. ``aligned``: every weight starts 16-byte aligned (then the loads are wide, and Q4_K and
-    Q5_K take 8-bit activations, see quantize_q8; ``q8=False`` keeps them float). Returns float32 [P, N].
+    Q5_K take 8-bit activations, see quantize_q8; Q6_K takes them at any alignment; ``q8=False`` keeps
+    them float). Returns float32 [P, N].
     The caller keeps the weights alive until the kernel has run. ``tune``: (rows per program, warps,
-    superblocks per step) instead of ``config``'s choice.
+    superblocks per step) instead of ``config``'s choice. ``x8``: ``quantize_q8(x)``, where the caller
+    has it already (the same x meets several weights); used where this call takes 8-bit activations.
     """
     N, K = shape
     P = offs.numel()
@@ -318,13 +378,19 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     row_bytes = K // per_block * block_bytes
     align = 16 if aligned and base.data_ptr() % 16 == 0 else 2
     name = qtype.name
-    q8 = q8 and align == 16 and name in ("Q4_K", "Q5_K")
+    q8 = q8 and (align == 16 and name in ("Q4_K", "Q5_K") or name == "Q6_K")
     bn, warps, sb = config(name, N, K, P, q8) if tune is None else tune
     grid = (triton.cdiv(N, bn), P)
+    if name == "Q6_K" and q8:
+        sb = sb if (K // 256) % sb == 0 else 1
+        xq, dx, xs = x8 or quantize_q8(x)
+        _q6_k_q8_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0), dx.stride(0),
+                              xs.stride(0), y.stride(0), BN=bn, ALIGN=2, SB=sb, ASM=_ASM, num_warps=warps)
+        return y
     if name in ("Q4_K", "Q5_K"):
         sb = sb if (K // 256) % sb == 0 else 1
         if q8:
-            xq, dx, xs = quantize_q8(x)
+            xq, dx, xs = x8 or quantize_q8(x)
             _q4_k_q8_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0), dx.stride(0),
                                   xs.stride(0), y.stride(0), BN=bn, ALIGN=align, Q5=name == "Q5_K", SB=sb,
                                   ASM=_ASM, num_warps=warps)

@@ -204,6 +204,7 @@ def test_cuda_graph_decode_equals_eager_decode(make_model, arch):
     kw = dict(device="cuda", vram_cache="100%", ram_cache="100%")
     with fms.Engine.open(path, **kw) as g, fms.Engine.open(path, graphs=False, **kw) as e:
         assert g.model.resident is not None and e.model.resident is None
+        e.model.fused_steps = False  # the torch layer loop
         out = {}
         for name, eng in (("graph", g), ("eager", e)):
             kv, routes = eng.model.new_kv_cache(len(toks)), []
@@ -234,3 +235,35 @@ def test_cuda_graph_decode_equals_eager_decode(make_model, arch):
         assert close[p] or not all(same[: p + 1]), p
     assert (lg.argmax(-1) == le.argmax(-1)).float().mean() >= 0.75
     assert text_g and text_e
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+def test_streamed_fused_steps_equal_the_graph_at_any_budget(make_model, arch):
+    """Single tokens whose experts stream through a small device tier run the graph's kernels one layer at a
+    time (models/graph.py: StreamDecode): the same logits and routes as the CUDA graph over resident experts,
+    whatever the cache holds, with real misses, and prefetches from the next layer's router."""
+    path = make_model(arch, "Q4_K_M")
+    toks = np.random.default_rng(5).integers(0, 500, 20).tolist()
+    out = {}
+    for name, kw in (("graph", dict(vram_cache="100%", ram_cache="100%")),
+                     ("stream", dict(vram_cache="30%", ram_cache="40%"))):
+        with fms.Engine.open(path, device="cuda", **kw) as eng:
+            assert (eng.model.resident is not None) == (name == "graph")
+            kv, routes = eng.model.new_kv_cache(len(toks)), []
+            eng.model.forward(torch.tensor(toks[:6]), kv)
+            before = eng.stats()["total"]
+            rows = [eng.model.forward(torch.tensor([t]), kv, lambda i, r, w: routes.append((i, r.tolist(), w.tolist())))
+                    for t in toks[6:]]
+            after = eng.stats()["total"]
+            out[name] = (torch.cat(rows).cpu(), routes, {k: after[k] - before[k] for k in ("device_misses", "requests",
+                                                                                            "prefetch_issued")})
+            if name == "stream":
+                assert eng.model._stream is not None and eng.model._stream.kv is kv
+    (lg, rg, dg), (ls, rs, ds) = out["graph"], out["stream"]
+    assert [(i, r) for i, r, _ in rg] == [(i, r) for i, r, _ in rs]
+    assert np.allclose([w for *_, w in rg], [w for *_, w in rs], atol=1e-6)
+    assert (lg - ls).abs().max() <= 1e-4 * float(lg.max() - lg.min())
+    assert dg["device_misses"] == 0 and ds["device_misses"] > 0 and ds["prefetch_issued"] > 0
+    n_layer, k = len({i for i, *_ in rg}), len(rg[0][1][0])
+    assert dg["requests"] == ds["requests"] == (len(toks) - 6) * n_layer * k

@@ -163,3 +163,29 @@ def test_read_into_caller_buffers_and_errors_surface(make_store, tmp_path):
         (path / "experts" / "1" / "5.bin").unlink()
         with pytest.raises(Exception, match="missing"):
             r.submit(1, 5).result()
+
+
+def test_busy_time_counts_while_a_read_runs_and_not_while_idle(make_store, monkeypatch):
+    """busy_s: the time at least one read was running (overlapping reads count once), nothing while idle."""
+    import time
+
+    store = ExpertStore(make_store("qwen3moe", "Q8_0"))
+    real = Reader._read
+
+    def slow(self, lay, out):
+        time.sleep(0.2)
+        return real(self, lay, out)
+
+    monkeypatch.setattr(Reader, "_read", slow)
+    with Reader(store, threads=4) as r:
+        assert r.busy_s == 0
+        t0 = time.perf_counter()
+        for f in [r.submit(0, e) for e in range(4)]:  # four at once: about 0.2 s busy, not 0.8
+            f.result()
+        wall = time.perf_counter() - t0
+        busy = r.busy_s
+        assert 0.2 <= busy <= wall and busy < 0.6
+        time.sleep(0.2)
+        assert r.busy_s == busy
+        r.read(0, 1)
+        assert r.busy_s >= busy + 0.2

@@ -12,7 +12,7 @@ from .test_dequant import F16_FIELDS, random_bytes
 FUSED = [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0]
 
 
-Q8_ACTS = {Q.Q4_K, Q.Q5_K}  # these kernels multiply 8-bit activations (on 16-byte aligned weights)
+Q8_ACTS = {Q.Q4_K, Q.Q5_K, Q.Q6_K}  # these kernels multiply 8-bit activations (Q4_K/Q5_K: on 16-byte aligned weights)
 
 
 def _ref(x, raw, qtype, shape, fused=True):
@@ -82,8 +82,8 @@ def test_fused_pairs_equal_dequantize_then_matmul(qtype, shape):
         want = _ref(x[r: r + 1], weights[w], qtype, shape)[0]
         err = (y[p].double() - want).norm() / want.norm()
         assert err < 1e-5, (p, float(err))
-    if qtype in Q8_ACTS:  # float activations, as the same weights at 2-byte alignment take them
-        yf = quant.fused_gemv_pairs(x, base, offs, torch.tensor(rows, device=dev), qtype, shape, aligned=False)
+    if qtype in Q8_ACTS:  # float activations (as Q4_K/Q5_K weights at 2-byte alignment take them)
+        yf = quant.fused_gemv_pairs(x, base, offs, torch.tensor(rows, device=dev), qtype, shape, q8=False)
         for p, (w, r) in enumerate(zip(which, rows)):
             want = quant.dequantize(weights[w], qtype, shape).double() @ x[r].double()
             assert (yf[p].double() - want).norm() / want.norm() < 1e-5
