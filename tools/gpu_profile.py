@@ -94,7 +94,7 @@ with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="2G", n_c
     q4 = [(8, 4, 2), (8, 2, 2), (8, 4, 4), (16, 4, 2), (16, 2, 2), (16, 4, 4), (32, 4, 2), (32, 8, 4), (4, 2, 2),
           (8, 8, 2), (4, 1, 2), (16, 8, 2)]
     q6 = [(8, 2, 1), (8, 4, 1), (16, 2, 1), (16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 1), (4, 1, 1), (4, 2, 1),
-          (8, 4, 2), (16, 4, 2), (16, 8, 2), (32, 8, 2), (4, 2, 2), (64, 8, 1)]
+          (8, 4, 2), (16, 4, 2), (4, 2, 2), (2, 1, 1), (4, 1, 2), (8, 1, 1), (8, 1, 2), (2, 1, 2), (1, 1, 1)]
     cases = {
         "dense q": (q4, lambda t, q8: [_triton.gemv_pairs(h, m.attn[i].q.raw, z, r, m.attn[i].q.qtype,
                                                           m.attn[i].q.shape, tune=t, q8=q8) for i in range(L)],
@@ -126,4 +126,4 @@ with fms.Engine.open(path, device="cuda", vram_cache="100%", ram_cache="2G", n_c
         print(json.dumps({"case": case, "type": qt, "MB_per_call": round(nbytes / per / 1e6, 1),
                           "best": [(round(u, 1), t, q8, round(nbytes / per / u / 1e3)) for u, t, q8 in res[:4]],
                           "default": [(round(u, 1), t, q8) for u, t, q8 in res if t in ((8, 4, 2), (8, 4, 4), (8, 2, 1),
-                                                                                       (16, 4, 1))]}))
+                                                                                       (4, 1, 1))]}))

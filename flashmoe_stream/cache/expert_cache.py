@@ -93,7 +93,7 @@ class ExpertWeights(Mapping):
 class _Load:
     """One key on its way to the device tier; ``future`` resolves True (on the device) or False (stopped in host)."""
 
-    __slots__ = ("demand", "future", "host_pinned", "issued", "key")
+    __slots__ = ("demand", "future", "host_pinned", "issued", "key", "read")
 
     def __init__(self, key: Key, demand: bool):
         self.key = key
@@ -101,6 +101,7 @@ class _Load:
         self.demand = demand  # a get() waits for it: it must reach the device tier
         self.issued = False  # its disk read was submitted (or it needs none)
         self.host_pinned = False
+        self.read: Future | None = None  # the Reader's future of its disk read, once submitted
 
 
 def _resolve_device(device: Any) -> torch.device:
@@ -274,12 +275,15 @@ class ExpertCache:
         return missed
 
     def _loads(self, missed: list[Key]) -> list[_Load]:
-        """Under the lock: the loads ``missed`` wait on (started where there is none); those to be read."""
+        """Under the lock: the loads ``missed`` wait on (started where there is none); those to be read
+        (a prefetch's read still queued is moved ahead of the other prefetches: someone waits for it now)."""
         to_read = []
         for key in missed:
             if key in self._dev:
                 continue
             load = self._inflight.get(key) or self._start(key, demand=True)
+            if not load.demand and load.read is not None and hasattr(self._reader, "promote"):
+                self._reader.promote(load.read)
             load.demand = True
             if not load.issued:
                 load.issued = True
@@ -419,11 +423,13 @@ class ExpertCache:
             self._submit_read(load)
 
     def _submit_read(self, load: _Load) -> None:
-        try:
-            fut = self._reader.submit(*load.key)
+        try:  # the reads a get() waits for start before queued prefetches (this package's Reader)
+            fut = self._reader.submit(*load.key, urgent=True) if load.demand and hasattr(self._reader, "promote") \
+                else self._reader.submit(*load.key)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits
             self._fail(load, e)
             return
+        load.read = fut
         fut.add_done_callback(lambda f, load=load: self._after_read(load, f))
 
     def _after_read(self, load: _Load, fut: Future) -> None:

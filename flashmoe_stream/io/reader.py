@@ -3,16 +3,18 @@
 ``submit(layer, expert)`` returns a ``concurrent.futures.Future`` whose result is an ``ExpertBlob``;
 a failed or short read raises from ``future.result()``, never hands back zeros. At most
 ``queue_depth`` requests are outstanding: ``submit`` waits for a free slot (``block=False`` returns
-None instead). Files are opened with O_DIRECT; where the file system refuses it (EINVAL on open or
+None instead). Requests start in order, the ``urgent`` ones (someone waits for them) before the rest;
+``promote(future)`` makes a queued one urgent. Files are opened with O_DIRECT; where the file system refuses it (EINVAL on open or
 read, e.g. tmpfs) the file is read buffered instead and that is logged once per Reader.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -31,10 +33,11 @@ _MAX_IO = 64 << 20  # bytes per syscall (a multiple of 4096)
 
 
 class _Request:
-    __slots__ = ("layout", "future", "out")
+    __slots__ = ("layout", "future", "out", "taken")
 
     def __init__(self, layout: ExpertLayout, future: Future, out):
         self.layout, self.future, self.out = layout, future, out
+        self.taken = False  # a worker has it (a promoted request is queued twice, run once)
 
 
 class Reader:
@@ -58,7 +61,10 @@ class Reader:
         self._stale: list[int] = []
         self._warned = False
         self._slots = threading.BoundedSemaphore(queue_depth)
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: list = []  # a heap of (0 urgent / 1 not / 2 stop, order, request)
+        self._queued = threading.Condition()
+        self._order = itertools.count()
+        self._requests: dict[Future, _Request] = {}
         self._pending: set[Future] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -96,8 +102,9 @@ class Reader:
 
     # --- requests --------------------------------------------------------------------------
 
-    def submit(self, layer: int, expert: int, out=None, block: bool = True) -> Future | None:
+    def submit(self, layer: int, expert: int, out=None, block: bool = True, urgent: bool = False) -> Future | None:
         """Queue a read of one expert; ``out``: a 4096-aligned writable buffer to read into (else one is made).
+        ``urgent``: it starts before every queued request that is not.
 
         Waits while ``queue_depth`` requests are outstanding, or returns None at once with ``block=False``.
         """
@@ -118,9 +125,25 @@ class Reader:
                 self._slots.release()
                 raise StoreError("Reader is closed")
             self._pending.add(fut)
+        req = _Request(lay, fut, out)
+        with self._queued:
+            self._requests[fut] = req
         fut.add_done_callback(self._done)
-        self._q.put(_Request(lay, fut, out))
+        self._put(0 if urgent else 1, req)
         return fut
+
+    def promote(self, future: Future) -> None:
+        """Make a queued request urgent (nothing if it has started or is not this Reader's)."""
+        with self._queued:
+            req = self._requests.get(future)
+            if req is None or req.taken:
+                return
+        self._put(0, req)
+
+    def _put(self, rank: int, req) -> None:
+        with self._queued:
+            heapq.heappush(self._queue, (rank, next(self._order), req))
+            self._queued.notify()
 
     def read(self, layer: int, expert: int) -> ExpertBlob:
         """Submit and wait."""
@@ -157,11 +180,26 @@ class Reader:
     def _done(self, fut: Future) -> None:
         with self._lock:
             self._pending.discard(fut)
+        with self._queued:
+            self._requests.pop(fut, None)
         self._slots.release()
+
+    def _next(self):
+        """The next request to run (None: stop), waiting for one."""
+        with self._queued:
+            while True:
+                while not self._queue:
+                    self._queued.wait()
+                _, _, req = heapq.heappop(self._queue)
+                if req is None:
+                    return None
+                if not req.taken:
+                    req.taken = True
+                    return req
 
     def _work(self) -> None:
         while True:
-            req = self._q.get()
+            req = self._next()
             if req is None:
                 return
             if not req.future.set_running_or_notify_cancel():
@@ -257,7 +295,7 @@ class Reader:
         for f in pending:
             f.cancel()
         for _ in self._workers:
-            self._q.put(None)
+            self._put(2, None)
         for w in self._workers:
             w.join()
         with self._fd_lock:

@@ -38,8 +38,8 @@ def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, int
             return (8, 2, 2) if P >= 8 else (8, 4, 4)
         return (32, 4, 2) if P >= 8 else (8, 4, 2)
     if name == "Q6_K":
-        if q8:  # not swept yet
-            return (16, 4, 1) if N >= 32768 else ((8, 2, 1) if P >= 8 else (8, 2, 1))
+        if q8:  # the head (N 151936) and the experts' down (8 pairs) alike
+            return 4, 1, 1
         return (16, 8, 1) if N >= 32768 else ((4, 1, 1) if P >= 8 else (8, 2, 1))
     return 16, 2, 1
 

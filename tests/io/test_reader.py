@@ -189,3 +189,29 @@ def test_busy_time_counts_while_a_read_runs_and_not_while_idle(make_store, monke
         assert r.busy_s == busy
         r.read(0, 1)
         assert r.busy_s >= busy + 0.2
+
+
+def test_urgent_and_promoted_requests_start_first(make_store, monkeypatch):
+    """One thread, busy: queued requests start in order, the urgent ones (and those promoted) first."""
+    store = ExpertStore(make_store("qwen3moe", "Q8_0"))
+    gate, started, order = threading.Event(), threading.Event(), []
+    real = Reader._read
+
+    def slow(self, lay, out):
+        order.append(lay.expert)
+        started.set()
+        assert gate.wait(30)
+        return real(self, lay, out)
+
+    monkeypatch.setattr(Reader, "_read", slow)
+    with Reader(store, threads=1, queue_depth=8) as r:
+        f0 = r.submit(0, 0)
+        assert started.wait(30)
+        f1, f2, f3 = r.submit(0, 1), r.submit(0, 2), r.submit(0, 3)
+        f4 = r.submit(0, 4, urgent=True)
+        r.promote(f3)
+        r.promote(f0)  # running already: nothing
+        gate.set()
+        for f, e in ((f0, 0), (f1, 1), (f2, 2), (f3, 3), (f4, 4)):
+            _same(f.result(), store.read(0, e))
+    assert order == [0, 4, 3, 1, 2]
