@@ -27,7 +27,8 @@ class MoEDecoder(StreamingDecoder):
         self.cfg, self.experts, self.prefetch = cfg, experts, prefetch
         self.resident = None  # every expert on the GPU: single tokens decode from a CUDA graph
         self.fused_steps = True  # else single tokens on a GPU run the torch layer loop (a reference)
-        self._fused_ok, self._stream = None, None
+        self._fused_ok = None
+        self._streams: dict[int, Any] = {}  # id(KV cache) -> its StreamDecode
         self.llama_numerics = weight_types is not None
         act = (lambda name: act_for(weight_types[name])) if weight_types is not None else (lambda name: None)
         W = weights.__getitem__
@@ -92,10 +93,13 @@ class MoEDecoder(StreamingDecoder):
             self._fused_ok = StreamDecode.supported(self)
         if not (self.fused_steps and self._fused_ok):
             return super().forward_batch([segment], on_route)
-        if self._stream is None or self._stream.kv is not kv:
-            self._stream = None
-            self._stream = StreamDecode(self, kv)
-        logits = self._stream.step(tokens, kv.length, on_route)
+        st = self._streams.pop(id(kv), None)
+        if st is None or st.kv is not kv:
+            st = StreamDecode(self, kv)
+        self._streams[id(kv)] = st  # the most recent last; a few sequences (server slots) keep theirs
+        while len(self._streams) > 4:
+            self._streams.pop(next(iter(self._streams)))
+        logits = st.step(tokens, kv.length, on_route)
         kv.length += 1
         return [logits]
 

@@ -192,9 +192,16 @@ class GraphDecode(_FusedStep):
 
 
 class StreamDecode(_FusedStep):
-    """One-token steps with the experts from the cache (``model.experts``), one host round trip a layer."""
+    """One-token steps with the experts from the cache (``model.experts``), one host round trip a layer.
+
+    The first step launches the kernels one by one (they compile); then the pieces between round trips
+    (the embedding, each layer's attention and routing, each layer's experts, the head) are captured as
+    CUDA graphs, one launch each: the experts' addresses are a device table the host fills per layer.
+    A layer whose experts are not all 16-byte aligned runs its expert kernels eagerly (the graphs take
+    the aligned kernels). ``piece_graphs = False`` keeps every step eager."""
 
     supported = staticmethod(supported)
+    piece_graphs = True
 
     def __init__(self, model, kv):
         super().__init__(model, kv)
@@ -208,24 +215,70 @@ class StreamDecode(_FusedStep):
         self._wback = torch.zeros(k, dtype=torch.float32, pin_memory=True)
         self._offs_host = torch.zeros(c.n_layer, 3 * k, dtype=torch.int64, pin_memory=True)
         self._copied = [torch.cuda.Event() for _ in range(c.n_layer)]  # the last copy of _offs_host[i] read it
+        self.types: dict[int, dict] = {}  # per layer: name -> (qtype, shape) of its experts' blocks
+        self.graphs: list | None = None  # embedding, (routing, experts) per layer, head; once captured
+        self.logits = None
+        self._steps = 0
 
-    def step(self, token: torch.Tensor, pos: int, on_route=None) -> torch.Tensor:
-        """Logits [1, n_vocab] of ``token`` at position ``pos`` (writes its K and V there); ``on_route`` as
-        the layer loop calls it."""
+    # --- the pieces between two round trips -----------------------------------------------------
+    def _ahead(self, i: int) -> bool:
+        return self.model.prefetch and i + 1 < self.cfg.n_layer
+
+    def _route(self, i: int) -> None:
+        """Layer i's attention and routing; where prefetching, the next layer's router applied to this
+        layer's attention output (its likely experts) into pred."""
         from . import _fused as K
 
         m, c = self.model, self.cfg
+        k = c.n_expert_used
+        K.route_topk(self._attention(i), self.table, k, c.expert_weights_norm, self.ids[i], self.weights[i],
+                     self.offs[i])
+        if self._ahead(i):
+            K.add_norm(self.x_in.view(-1), None, None, m.ffn_w[i + 1].norm, c.rms_eps, self.xn)
+            self.pred.copy_((self.xn.view(1, -1) @ m.ffn_w[i + 1].router.T).view(-1).topk(k).indices)
+
+    def _pieces(self) -> list:
+        L = self.cfg.n_layer
+        out = [self._embed]
+        for i in range(L):
+            out += [lambda i=i: self._route(i),
+                    lambda i=i: self._experts(i, self.offs[i], self.base, self.types[i], True)]
+        return out + [self._head]
+
+    def _capture(self) -> None:
+        if hasattr(self.model.experts, "wait_idle"):
+            self.model.experts.wait_idle()  # no copy of the cache's threads runs during the capture
+        pool = torch.cuda.graph_pool_handle()  # replayed in the order captured: they may share memory
+        graphs = []
+        for fn in self._pieces():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                out = fn()
+            graphs.append(g)
+        self.logits = out
+        self.graphs = graphs
+
+    def _run(self, j: int, fn, *args) -> torch.Tensor | None:
+        """Piece j: its graph's replay once captured (None), else fn(*args)."""
+        if self.graphs is None:
+            return fn(*args)
+        self.graphs[j].replay()
+        return None
+
+    # --- a step ---------------------------------------------------------------------------------
+    def step(self, token: torch.Tensor, pos: int, on_route=None) -> torch.Tensor:
+        """Logits [1, n_vocab] of ``token`` at position ``pos`` (writes its K and V there); ``on_route`` as
+        the layer loop calls it."""
+        m, c = self.model, self.cfg
         cache, k, L = m.experts, c.n_expert_used, c.n_layer
+        if self.graphs is None and self._steps and self.piece_graphs:
+            self._capture()
         stream = torch.cuda.current_stream(self.device)
         self._set_input(token, pos)
-        self._embed()
+        self._run(0, self._embed)
         for i in range(L):
-            K.route_topk(self._attention(i), self.table, k, c.expert_weights_norm, self.ids[i], self.weights[i],
-                         self.offs[i])
-            ahead = m.prefetch and i + 1 < L
-            if ahead:  # the next layer's router on this layer's attention output: its likely experts
-                K.add_norm(self.x_in.view(-1), None, None, m.ffn_w[i + 1].norm, c.rms_eps, self.xn)
-                self.pred.copy_((self.xn.view(1, -1) @ m.ffn_w[i + 1].router.T).view(-1).topk(k).indices)
+            self._run(1 + 2 * i, self._route, i)
+            ahead = self._ahead(i)
             back = self._back[: 2 * k if ahead else k]
             back[:k].copy_(self.ids[i], non_blocking=True)
             if ahead:
@@ -244,12 +297,18 @@ class StreamDecode(_FusedStep):
             self._offs_host[i].numpy()[:] = (addrs - self.base.data_ptr()).reshape(-1)
             self.offs[i].copy_(self._offs_host[i], non_blocking=True)
             self._copied[i].record()
-            b = got[0].blocks
-            self._experts(i, self.offs[i], self.base, {n: (b[n].qtype, b[n].shape) for n in _NAMES},
-                          not (addrs % 16).any())
+            if i not in self.types:
+                b = got[0].blocks
+                self.types[i] = {n: (b[n].qtype, b[n].shape) for n in _NAMES}
+            if (addrs % 16).any():  # the graphs' kernels take aligned blocks only
+                self._experts(i, self.offs[i], self.base, self.types[i], False)
+            else:
+                self._run(2 + 2 * i, self._experts, i, self.offs[i], self.base, self.types[i], True)
         # get(i) pins layer i's experts until a get() of another layer, which follows a sync after their
         # kernels: the cache never evicts what a queued kernel still reads
-        return self._head()
+        logits = self._run(2 * L + 1, self._head)
+        self._steps += 1
+        return self.logits.clone() if logits is None else logits
 
 
 __all__ = ["GraphDecode", "StreamDecode", "supported"]

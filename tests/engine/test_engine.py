@@ -238,11 +238,15 @@ def test_cuda_graph_decode_equals_eager_decode(make_model, arch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pieces", [True, False])
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
-def test_streamed_fused_steps_equal_the_graph_at_any_budget(make_model, arch):
+def test_streamed_fused_steps_equal_the_graph_at_any_budget(make_model, arch, pieces, monkeypatch):
     """Single tokens whose experts stream through a small device tier run the graph's kernels one layer at a
     time (models/graph.py: StreamDecode): the same logits and routes as the CUDA graph over resident experts,
     whatever the cache holds, with real misses, and prefetches from the next layer's router."""
+    from flashmoe_stream.models.graph import StreamDecode
+
+    monkeypatch.setattr(StreamDecode, "piece_graphs", pieces)
     path = make_model(arch, "Q4_K_M")
     toks = np.random.default_rng(5).integers(0, 500, 20).tolist()
     out = {}
@@ -258,8 +262,10 @@ def test_streamed_fused_steps_equal_the_graph_at_any_budget(make_model, arch):
             after = eng.stats()["total"]
             out[name] = (torch.cat(rows).cpu(), routes, {k: after[k] - before[k] for k in ("device_misses", "requests",
                                                                                             "prefetch_issued")})
-            if name == "stream":
-                assert eng.model._stream is not None and eng.model._stream.kv is kv
+            if name == "stream":  # its steps after the first replay CUDA graphs of the pieces between round trips
+                st = eng.model._streams[id(kv)]
+                assert st.kv is kv and (st.graphs is not None) == pieces
+                assert not pieces or len(st.graphs) == 2 + 2 * eng.config.n_layer
     (lg, rg, dg), (ls, rs, ds) = out["graph"], out["stream"]
     assert [(i, r) for i, r, _ in rg] == [(i, r) for i, r, _ in rs]
     assert np.allclose([w for *_, w in rg], [w for *_, w in rs], atol=1e-6)
