@@ -168,5 +168,6 @@ def run(a: argparse.Namespace) -> int:
         print(f"decode {r['decode']['tok_per_s']:.2f} tok/s; I/O bound {r['io_bound_tok_per_s']:.2f} tok/s "
               f"({r['disk_raw_sequential_gb_per_s']:.2f} GB/s ÷ {r['miss_bytes_per_token'] / 1e6:.1f} MB missed per "
               f"token) → ratio {r['ratio_to_io_bound']}; hits device {r['device_hit_rate']}, host "
-              f"{r['host_hit_rate']}; prefetch recall {r['prefetch_recall']}; waited {r['waited_on_io_s']} s on I/O")
+              f"{r['host_hit_rate']}; prefetch recall {r['prefetch_recall']}; waited {r['waited_on_io_s']} s on I/O; "
+              f"disk busy {r['disk_busy_fraction']} of decode, reading {r['read_gb_per_s_while_busy']} GB/s when busy")
     return 0

@@ -97,6 +97,8 @@ def test_bench_run_reports_decode_against_the_io_bound(make_model):
     assert d["ratio_to_io_bound"] == round(d["decode"]["tok_per_s"] / d["io_bound_tok_per_s"], 3) or \
         abs(d["ratio_to_io_bound"] - d["decode"]["tok_per_s"] / d["io_bound_tok_per_s"]) < 0.01
     assert d["distinct_expert_sets_per_layer_min"] >= 4  # teacher-forced tokens route variously
+    # reads ran during decode, for at most the decode's time
+    assert 0 < d["disk_busy_fraction"] <= 1.05 and d["read_gb_per_s_while_busy"] > 0
 
 
 def test_the_cli_works_without_the_server_extra(make_model, tmp_path):
