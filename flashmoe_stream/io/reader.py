@@ -4,8 +4,9 @@
 a failed or short read raises from ``future.result()``, never hands back zeros. At most
 ``queue_depth`` requests are outstanding: ``submit`` waits for a free slot (``block=False`` returns
 None instead). Requests start in order, the ``urgent`` ones (someone waits for them) before the rest;
-``promote(future)`` makes a queued one urgent. Files are opened with O_DIRECT; where the file system refuses it (EINVAL on open or
-read, e.g. tmpfs) the file is read buffered instead and that is logged once per Reader.
+``promote(future)`` makes a queued one urgent. Files are opened with O_DIRECT; where the file system
+refuses it (EINVAL on open or read, e.g. tmpfs) the file is read buffered instead and that is logged
+once per Reader.
 """
 
 from __future__ import annotations

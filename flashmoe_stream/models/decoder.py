@@ -8,6 +8,7 @@ current hidden state and prefetched while this layer's experts compute.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ class MoEDecoder(StreamingDecoder):
         self.resident = None  # every expert on the GPU: single tokens decode from a CUDA graph
         self.fused_steps = True  # else single tokens on a GPU run the torch layer loop (a reference)
         self._fused_ok = None
-        self._streams: dict[int, Any] = {}  # id(KV cache) -> its StreamDecode
+        self._streams = weakref.WeakKeyDictionary()  # KV cache -> its StreamDecode
         self.llama_numerics = weight_types is not None
         act = (lambda name: act_for(weight_types[name])) if weight_types is not None else (lambda name: None)
         W = weights.__getitem__
@@ -93,12 +94,9 @@ class MoEDecoder(StreamingDecoder):
             self._fused_ok = StreamDecode.supported(self)
         if not (self.fused_steps and self._fused_ok):
             return super().forward_batch([segment], on_route)
-        st = self._streams.pop(id(kv), None)
-        if st is None or st.kv is not kv:
-            st = StreamDecode(self, kv)
-        self._streams[id(kv)] = st  # the most recent last; a few sequences (server slots) keep theirs
-        while len(self._streams) > 4:
-            self._streams.pop(next(iter(self._streams)))
+        st = self._streams.get(kv)
+        if st is None:  # each sequence (a server's slots) keeps its own while its KV cache lives
+            st = self._streams[kv] = StreamDecode(self, kv)
         logits = st.step(tokens, kv.length, on_route)
         kv.length += 1
         return [logits]

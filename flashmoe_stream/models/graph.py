@@ -18,6 +18,8 @@ the filled part of the cache, so nothing depends on the length filled. Two ways 
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -47,7 +49,8 @@ class _FusedStep:
 
     def __init__(self, model, kv):
         c = model.cfg
-        self.model, self.kv, self.cfg = model, kv, c
+        self.model, self.cfg = model, c
+        self._kv = weakref.ref(kv)  # a finished sequence's cache is freed with its steps
         dev = self.device = model.device
         k = c.n_expert_used
         self.xrows_gu = torch.zeros(2 * k, dtype=torch.int64, device=dev)
@@ -67,6 +70,10 @@ class _FusedStep:
         self.act = None  # SiLU(gate) * up, [k, n_ff] (n_ff known from the first experts)
         self._in_host = torch.zeros(2, dtype=torch.int64, pin_memory=True)
         self._in_copied = torch.cuda.Event()  # recorded after each copy of _in_host
+
+    @property
+    def kv(self):
+        return self._kv()
 
     def _set_input(self, token: torch.Tensor, pos: int) -> None:
         """The token and its position into the device inputs (one copy from pinned memory)."""

@@ -339,3 +339,37 @@ def test_prefetch_of_a_layer_whose_prefetches_go_unused_is_cut_to_probes(store):
     # trusted for the first PREFETCH_TRUST_AFTER (plus the few still in the caches), then one call in PROBE
     most = ec.PREFETCH_TRUST_AFTER + 2 * used + calls // ec.PREFETCH_PROBE
     assert ec.PREFETCH_TRUST_AFTER <= s[0]["prefetch_issued"] <= most, s[0]["prefetch_issued"]
+
+
+def test_a_get_s_reads_start_before_queued_prefetches(store, monkeypatch):
+    """With the Reader busy, the misses a get() waits for, and a queued prefetch it comes to wait for, start
+    before the prefetches queued earlier."""
+    import time
+
+    gate, order = threading.Event(), []
+    real = Reader._read
+
+    def slow(self, lay, out):
+        order.append(lay.expert)
+        assert gate.wait(30)
+        return real(self, lay, out)
+
+    monkeypatch.setattr(Reader, "_read", slow)
+    dev, host, k = sizes(store)
+    reader = Reader(store, threads=1, queue_depth=16)
+    with ExpertCache(store, "cpu", device_budget=16 * dev, host_budget=16 * host, reader=reader) as c:
+        c.prefetch(0, [0, 1, 2, 3])
+        deadline = time.monotonic() + 30
+        while reader.outstanding < 4 and time.monotonic() < deadline:  # 0 reading, 1-3 queued
+            time.sleep(0.01)
+        got = {}
+        t = threading.Thread(target=lambda: got.update(w=c.get(0, [3, 5])))
+        t.start()
+        while reader.outstanding < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        t.join(30)
+        assert [w.expert for w in got["w"]] == [3, 5]
+        c.wait_idle(30)
+    reader.close()
+    assert order == [0, 3, 5, 1, 2]  # each read once: the promoted one is not read again

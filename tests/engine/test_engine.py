@@ -1,8 +1,10 @@
 """The engine end to end: logits equal the reference whatever the cache budget, greedy tokens equal
 llama.cpp's, and the CLI's `run` behaves like llama-cli."""
 
+import gc
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -263,9 +265,13 @@ def test_streamed_fused_steps_equal_the_graph_at_any_budget(make_model, arch, pi
             out[name] = (torch.cat(rows).cpu(), routes, {k: after[k] - before[k] for k in ("device_misses", "requests",
                                                                                             "prefetch_issued")})
             if name == "stream":  # its steps after the first replay CUDA graphs of the pieces between round trips
-                st = eng.model._streams[id(kv)]
+                st = eng.model._streams[kv]
                 assert st.kv is kv and (st.graphs is not None) == pieces
                 assert not pieces or len(st.graphs) == 2 + 2 * eng.config.n_layer
+                gone = weakref.ref(kv)
+                del kv, st
+                gc.collect()
+                assert gone() is None and len(eng.model._streams) == 0  # a finished sequence's steps go with it
     (lg, rg, dg), (ls, rs, ds) = out["graph"], out["stream"]
     assert [(i, r) for i, r, _ in rg] == [(i, r) for i, r, _ in rs]
     assert np.allclose([w for *_, w in rg], [w for *_, w in rs], atol=1e-6)
