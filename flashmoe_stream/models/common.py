@@ -206,12 +206,15 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     if few and fused_supported_for(experts, layer, dev):
         return _fused_experts(hd, weights, flat, needed, experts.get(layer, needed.tolist()), llama_numerics)
     # on the CPU such a step reads all its missing experts at once and computes with each as it arrives
-    # (those already resident first), so the compute of one expert hides the reads of the others
+    # (those already resident first, together: one native call a projection for them all is up to twice as
+    # fast as one per expert), so the compute of one expert hides the reads of the others
     pipelined = few and dev.type == "cpu" and hasattr(experts, "start")
+    resident = 0
     if pipelined:
         missing = set(experts.start(layer, needed.tolist()))
         first = np.argsort([int(e) in missing for e in needed], kind="stable")
         needed, starts, counts = needed[first], starts[first], counts[first]
+        resident = len(needed) - len(missing)
     out = torch.zeros(T + 1, hd.shape[1], dtype=torch.float32, device=dev)  # row T: where padding lands
     hd_pad = torch.cat([hd, hd.new_zeros(1, hd.shape[1])])
     w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
@@ -219,7 +222,10 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     fits = None  # experts whose dequantised weights fit the budget at once: known after the first get
     start, done = 0, []  # done: (first expert id, rows, outputs) of the groups computed, not yet added
     while start < len(needed):
-        size = 1 if pipelined else min(fits or len(needed), cap, len(needed) - start)
+        if pipelined:  # the resident ones at once, then each missing one as it arrives
+            size = min(resident, fits or resident, cap) if start == 0 and resident else 1
+        else:
+            size = min(fits or len(needed), cap, len(needed) - start)
         group = needed[start: start + size].tolist()
         got = experts.get(layer, group)
         if fits is None:
