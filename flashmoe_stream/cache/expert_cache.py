@@ -355,6 +355,12 @@ class ExpertCache:
         with self._lock:
             return self._lock.wait_for(lambda: not self._inflight or self._closed, timeout)
 
+    def ready(self, layer: int, ids: Iterable[int]) -> list[int]:
+        """Those of ``ids`` that are on the device tier now: a get() of them would not wait (after start(),
+        the ones whose reads are in)."""
+        with self._lock:
+            return [int(e) for e in ids if (layer, int(e)) in self._dev]
+
     def capacity(self, layer: int) -> int:
         """How many experts of ``layer`` one get() may ask for (what the device tier holds at once)."""
         return max(1, int(self._dev.budget) // self._dev_nbytes[layer])

@@ -59,7 +59,8 @@ class ExpertSource(Protocol):
 
     def prefetch(self, layer: int, expert_ids: list[int]) -> None: ...
 
-    # optional: capacity(layer) -> int (experts one get may ask for) and release() (unpin the last get)
+    # optional: capacity(layer) -> int (experts one get may ask for), release() (unpin the last get),
+    # start(layer, ids) -> the missing ones (get in two halves) and ready(layer, ids) -> those on the device
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -205,38 +206,45 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     few = T * k <= FUSED_PAIRS and len(needed) <= cap  # a decode step (or a few): all its experts pinned at once
     if few and fused_supported_for(experts, layer, dev):
         return _fused_experts(hd, weights, flat, needed, experts.get(layer, needed.tolist()), llama_numerics)
-    # on the CPU such a step reads all its missing experts at once and computes with each as it arrives
-    # (those already resident first, together: one native call a projection for them all is up to twice as
-    # fast as one per expert), so the compute of one expert hides the reads of the others
+    # on the CPU such a step reads all its missing experts at once and computes with them as they arrive:
+    # those already resident first, together (one native call a projection for several experts is up to
+    # twice as fast as one per expert), then, each time, those whose reads are in (or the next to come),
+    # so the compute of some experts hides the reads of the others
     pipelined = few and dev.type == "cpu" and hasattr(experts, "start")
-    resident = 0
+    todo = list(range(len(needed)))  # indices into needed, in the order to compute
+    resident = len(needed)
     if pipelined:
         missing = set(experts.start(layer, needed.tolist()))
-        first = np.argsort([int(e) in missing for e in needed], kind="stable")
-        needed, starts, counts = needed[first], starts[first], counts[first]
+        todo = [j for j in todo if int(needed[j]) not in missing] + [j for j in todo if int(needed[j]) in missing]
         resident = len(needed) - len(missing)
     out = torch.zeros(T + 1, hd.shape[1], dtype=torch.float32, device=dev)  # row T: where padding lands
     hd_pad = torch.cat([hd, hd.new_zeros(1, hd.shape[1])])
     w_pad = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
     budget = DEQUANT_BUDGET.get(dev.type, DEFAULT_DEQUANT_BUDGET)
     fits = None  # experts whose dequantised weights fit the budget at once: known after the first get
-    start, done = 0, []  # done: (first expert id, rows, outputs) of the groups computed, not yet added
-    while start < len(needed):
-        if pipelined:  # the resident ones at once, then each missing one as it arrives
-            size = min(resident, fits or resident, cap) if start == 0 and resident else 1
-        else:
-            size = min(fits or len(needed), cap, len(needed) - start)
-        group = needed[start: start + size].tolist()
+    done = []  # (expert id, rows, outputs) of the experts computed, not yet added
+    while todo:
+        most = min(fits or len(todo), cap)
+        if not pipelined:
+            group_at = todo[:most]
+        elif resident:  # the resident ones at once
+            group_at, resident = todo[:min(resident, most)], 0
+        else:  # the missing ones whose reads are in; else wait for the next
+            arrived = set(experts.ready(layer, [int(needed[j]) for j in todo])) if hasattr(experts, "ready") else set()
+            group_at = [j for j in todo if int(needed[j]) in arrived][:most] or todo[:1]
+        group = [int(needed[j]) for j in group_at]
         got = experts.get(layer, group)
         if fits is None:
             per_expert = sum(math.prod(b.shape) for b in got[0].blocks.values()) * torch.finfo(dtype).bits // 8
             fits = max(1, budget // per_expert)
-            if size > fits:  # too many at once: take fewer, from the same pins
-                size = fits
-                group, got = group[:size], got[:size]
+            if len(group) > fits:  # too many at once: take fewer, from the same pins
+                group_at, group, got = group_at[:fits], group[:fits], got[:fits]
+        taken = set(group_at)
+        todo = [j for j in todo if j not in taken]
         # flat (token, slot) positions of each expert's rows, padded with T * k (a zero row, weight 0)
-        c = counts[start: start + size]
-        s = starts[start: start + size]
+        c = counts[group_at]
+        s = starts[group_at]
+        size = len(group)
         pos = np.full((size, int(c.max())), T * k, dtype=np.int64)
         for j in range(size):
             pos[j, : c[j]] = order[s[j]: s[j] + c[j]]
@@ -244,13 +252,13 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
         rows = torch.where(pos_t < T * k, pos_t // k, T)
         y = _expert_group(hd_pad[rows], got, dtype, llama_numerics, c)  # [size, max_count, n_embd]
         y = y.float() * w_pad[pos_t].unsqueeze(-1)
-        done.append((group[0], rows, y))
+        done += [(e, rows[j], y[j]) for j, e in enumerate(group)]
         if not pipelined:
             _add(out, done)
-        start += size
-        if start < len(needed) and not pipelined and hasattr(experts, "release"):
+        if todo and not pipelined and hasattr(experts, "release"):
             experts.release()  # the next group's get may need the room
-    _add(out, sorted(done, key=lambda d: d[0]))  # by expert id: the sums' order does not depend on the budget
+    # by expert id: the sums' order depends neither on the budget nor on the order the reads came in
+    _add(out, sorted(done, key=lambda d: d[0]))
     return out[:T]
 
 

@@ -373,3 +373,19 @@ def test_a_get_s_reads_start_before_queued_prefetches(store, monkeypatch):
         c.wait_idle(30)
     reader.close()
     assert order == [0, 3, 5, 1, 2]  # each read once: the promoted one is not read again
+
+
+def test_ready_names_the_experts_a_get_would_not_wait_for(store):
+    dev, host, _ = sizes(store)
+    reader = GatedReader(store)
+    with ExpertCache(store, device_budget=8 * dev, host_budget=8 * host, reader=reader) as cache:
+        reader.gate.set()
+        cache.get(0, [1])
+        cache.release()
+        reader.gate.clear()
+        assert cache.start(0, [1, 2, 3]) == [2, 3]  # 1 is resident; 2 and 3 wait on the gate
+        assert cache.ready(0, [3, 2, 1]) == [1]
+        reader.gate.set()
+        cache.get(0, [2, 3])
+        assert cache.ready(0, [3, 2, 1, 4]) == [3, 2, 1]
+    reader.close()

@@ -134,3 +134,33 @@ def test_experts_run_in_groups_when_dequantised_weights_would_not_fit(make_model
     # per layer: one get of every expert it needs (which tells the sizes), then one get per further expert
     per_layer = [[ids for layer, ids in experts.gets if layer == i] for i in range(m.config.n_layer)]
     assert all(len(gets) == len(gets[0]) and all(len(ids) == 1 for ids in gets[1:]) for gets in per_layer)
+
+
+class ArrivingExperts(StoreExperts):
+    """As StoreExperts, with get() in two halves: start() calls every other expert missing, and ready() says
+    two of those still to come have arrived, the later ones first (reads finish out of order)."""
+
+    def start(self, layer, ids):
+        self.gets.append((layer, "start"))
+        return list(ids)[1::2]
+
+    def ready(self, layer, ids):
+        return list(ids)[::-1][:2]
+
+
+def test_experts_computed_as_they_arrive_give_the_same_logits(make_model):
+    """Decode on the CPU computes a layer's resident experts together, then the missing ones in the groups
+    they arrive in: the logits equal one get of them all, bit for bit (sums in expert order)."""
+    path = make_model("qwen3moe", "Q4_K_M", n_expert_used=6)
+    m = open_gguf(path)
+    tokens = np.random.default_rng(4).integers(0, 300, 12).tolist()
+    out = {}
+    for name, src in (("whole", StoreExperts(path)), ("arriving", ArrivingExperts(path))):
+        model = build_model(m.config, dense_weights(m), src)
+        kv = model.new_kv_cache(len(tokens))
+        model.forward(torch.tensor(tokens[:4]), kv)
+        out[name] = torch.cat([model.forward(torch.tensor([t]), kv) for t in tokens[4:]])
+        if name == "arriving":  # per layer and token: start, the resident group, then groups of arrivals
+            last = [ids for _, ids in src.gets][-4:]  # the last layer of the last token
+            assert last[0] == "start" and [len(ids) for ids in last[1:]] == [3, 2, 1]
+    assert torch.equal(out["whole"], out["arriving"])
