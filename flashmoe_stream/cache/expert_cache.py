@@ -178,6 +178,7 @@ class ExpertCache:
         self._pin_layer: int | None = None
         self._started: dict[Key, bool] = {}  # counted and pinned by start(), not yet taken by get(): was it a miss
         self._uses: list[Key] = []  # start()'s misses taken by get(), their use not yet told to the policy
+        self._start_rank: dict[Key, int] = {}  # each key's place in the last start()'s ids
         self._stats: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(_COUNTERS + ("wait_s",), 0))
         self._closed = False
         self._prefetch_on = prefetch
@@ -228,6 +229,7 @@ class ExpertCache:
         with self._lock:
             missed = self._account(layer, uniq)
             to_read = self._loads(missed)
+            self._start_rank = {(layer, e): i for i, e in enumerate(uniq)}
             self._started.update({(layer, e): False for e in uniq})
             self._started.update({key: True for key in missed})
         for load in to_read:
@@ -389,13 +391,15 @@ class ExpertCache:
             self.store.layout(layer, e)  # a StoreError naming the valid range
 
     def _release_locked(self) -> None:
-        # the uses of the keys start() loaded, in the order taken: after every load of the layer is in, as
-        # one get() of them all would have counted them (so policies see what the simulator replays)
-        for key in self._uses:
+        # the uses of the keys start() loaded, in start()'s order (whatever order their reads came in and
+        # get() took them): after every load of the layer is in, as one get() of them all would have counted
+        # them (so policies see what the simulator replays)
+        for key in sorted(self._uses, key=lambda key: self._start_rank.get(key, 0)):
             if key in self._dev:
                 self._dev.access(key)
         self._uses.clear()
         self._started.clear()
+        self._start_rank.clear()
         for key in self._pinned:
             self._dev.unpin(key)
         self._pinned.clear()
