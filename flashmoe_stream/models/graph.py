@@ -10,10 +10,11 @@ the filled part of the cache, so nothing depends on the length filled. Two ways 
   attention, routing, the fused expert kernels, the head) is captured once as a CUDA graph and
   replayed per token, with the token and its position as device inputs; the experts are addressed
   through per-layer offset tables indexed by the router's choice on the device.
-* ``StreamDecode``, when experts stream through the cache: the same kernels launched one layer at a
-  time, with one host round trip a layer (the chosen experts' ids, and the next layer's predicted ones,
-  come back in one copy; the cache's get() gives their device addresses). The torch layer loop costs
-  ~100 launches and two host syncs a layer; the disk idles while it runs.
+* ``StreamDecode``, when experts stream through the cache: the same kernels, with one host round trip a
+  layer (the chosen experts' ids, and the next layer's predicted ones, come back in one copy; the cache's
+  get() gives their device addresses, which go forth in one copy). After a sequence's first step the
+  pieces between round trips replay as CUDA graphs. The torch layer loop costs ~100 launches and two
+  host syncs a layer; the disk idles while it runs.
 """
 
 from __future__ import annotations
