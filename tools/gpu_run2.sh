@@ -15,7 +15,3 @@ done
 for t in ${THREADS:-8}; do
   python3 -m flashmoe_stream bench run $f --device cuda --vram-cache 8G --ram-cache 8G --tokens 48 --io-threads $t --json > $OUT/stream8_t$t.json 2> $OUT/stream8_t$t.err; show $OUT/stream8_t$t.json
 done
-if [ -n "${PROFILE_STREAM:-}" ]; then  # where the streaming decode's host time goes
-  python3 -m cProfile -o $OUT/stream.prof -m flashmoe_stream bench run $f --device cuda --vram-cache 8G --ram-cache 8G --tokens 32 --json > $OUT/stream8p.json 2> $OUT/stream8p.err; show $OUT/stream8p.json
-  python3 -c "import pstats; pstats.Stats('$OUT/stream.prof').sort_stats('tottime').print_stats(25)" | tail -40
-fi
