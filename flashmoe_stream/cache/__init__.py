@@ -7,6 +7,7 @@
     ExpertWeights / WeightBlock                   raw uint8 tensors on the device + qtype + shape per block
     Policy                                        the protocol: on_access, on_insert, on_evict, victim
     make_policy(name_or_"module:Class", **kw), POLICIES (built-in names)
+    prefetch.PrefetchGate                         when to prefetch a layer (its recent prefetches' precision)
 """
 
 from .expert_cache import ExpertCache, ExpertWeights, WeightBlock

@@ -35,18 +35,11 @@ import torch
 from ..errors import BudgetError, FlashMoeError, UnsupportedError
 from ..io import ExpertBlob, ExpertStore, Reader
 from .policy import Key, make_policy
+from .prefetch import PrefetchGate
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
 
-# Prefetch is cut to every PREFETCH_PROBE-th call for a layer whose recent prefetches (a window of about
-# 1 / (1 - PREFETCH_DECAY) resolved ones, trusted from PREFETCH_TRUST_AFTER) were used less than
-# PREFETCH_MIN_PRECISION of the time: on a random router the next-layer prediction is right ~1 time in 4,
-# and its reads then cost more disk time than they save (docs/BENCHMARKS.md).
-PREFETCH_MIN_PRECISION = 0.5
-PREFETCH_TRUST_AFTER = 32
-PREFETCH_PROBE = 8
-PREFETCH_DECAY = 0.99
 
 _COUNTERS = ("requests", "device_hits", "device_misses", "host_hits", "host_misses", "disk_bytes", "h2d_bytes",
              "prefetch_issued", "prefetch_useful", "prefetch_wasted")
@@ -182,9 +175,7 @@ class ExpertCache:
         self._stats: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(_COUNTERS + ("wait_s",), 0))
         self._closed = False
         self._prefetch_on = prefetch
-        # per layer: decayed counts of resolved prefetches (used, resolved) and of prefetch() calls
-        self._pf_score: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        self._pf_calls: dict[int, int] = defaultdict(int)
+        self._gate = PrefetchGate()  # per layer: prefetch only where recent prefetches were used
         self._stream = self._side_stream()
         self._own_reader = reader is None
         self._reader = Reader(self.store, threads=threads, queue_depth=queue_depth,
@@ -267,7 +258,7 @@ class ExpertCache:
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 st["prefetch_useful"] += 1
-                self._prefetch_resolved(layer, True)
+                self._gate.resolved(layer, True)
             if key in self._dev:
                 st["device_hits"] += 1
                 self._dev.access(key)
@@ -323,7 +314,7 @@ class ExpertCache:
         if not self._prefetch_on:
             return
         with self._lock:
-            if self._closed or not self._prefetch_worth_it(layer):
+            if self._closed or not self._gate.worth_it(layer):
                 return
             for e in uniq:
                 key = (layer, e)
@@ -335,22 +326,6 @@ class ExpertCache:
                     self._prefetched.add(key)
                 if not load.issued:
                     self._issue_q.put(load)
-
-    def _prefetch_worth_it(self, layer: int) -> bool:
-        """Whether to prefetch for ``layer`` now: always, unless its recent prefetches were mostly wasted
-        (a predictor that does not know this layer's routing, e.g. a random router); then only every
-        PREFETCH_PROBE-th call, so that its precision stays measured and a predictor that recovers is
-        trusted again, while its reads stop taking the disk from the misses the model waits on."""
-        used, resolved = self._pf_score[layer]
-        self._pf_calls[layer] += 1
-        if resolved < PREFETCH_TRUST_AFTER or used >= PREFETCH_MIN_PRECISION * resolved:
-            return True
-        return self._pf_calls[layer] % PREFETCH_PROBE == 0
-
-    def _prefetch_resolved(self, layer: int, useful: bool) -> None:
-        score = self._pf_score[layer]
-        score[0] = score[0] * PREFETCH_DECAY + useful
-        score[1] = score[1] * PREFETCH_DECAY + 1
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no load is in flight (e.g. before reading stats in a benchmark); False on timeout."""
@@ -544,7 +519,7 @@ class ExpertCache:
         if key in self._prefetched and key not in self._dev and key not in self._host and key not in self._inflight:
             self._prefetched.discard(key)
             self._stats[key[0]]["prefetch_wasted"] += 1
-            self._prefetch_resolved(key[0], False)
+            self._gate.resolved(key[0], False)
 
     # --- numbers -----------------------------------------------------------------------------
 

@@ -319,7 +319,7 @@ def test_cuda_tier(store):
 def test_prefetch_of_a_layer_whose_prefetches_go_unused_is_cut_to_probes(store):
     """A layer whose prefetched experts keep leaving unused is prefetched only every PREFETCH_PROBE-th call
     once PREFETCH_TRUST_AFTER of them are resolved; a layer whose prefetches are used is prefetched always."""
-    from flashmoe_stream.cache import expert_cache as ec
+    from flashmoe_stream.cache import prefetch as ec
 
     dev, host, used = sizes(store)
     n = store.n_expert
