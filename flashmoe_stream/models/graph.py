@@ -19,6 +19,7 @@ the filled part of the cache, so nothing depends on the length filled. Two ways 
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import numpy as np
@@ -26,6 +27,8 @@ import torch
 
 from ..quant import QTensor, fused_gemv_pairs, fused_quantize_q8
 from .common import fused_supported_for, mm, rope_angles
+
+log = logging.getLogger(__name__)
 
 _NAMES = ("gate", "up", "down")
 
@@ -227,6 +230,7 @@ class StreamDecode(_FusedStep):
         self.graphs: list | None = None  # embedding, (routing, experts) per layer, head; once captured
         self.logits = None
         self._steps = 0
+        self._no_graphs = False  # a capture failed here
 
     # --- the pieces between two round trips -----------------------------------------------------
     def _ahead(self, i: int) -> bool:
@@ -279,8 +283,13 @@ class StreamDecode(_FusedStep):
         the layer loop calls it."""
         m, c = self.model, self.cfg
         cache, k, L = m.experts, c.n_expert_used, c.n_layer
-        if self.graphs is None and self._steps and self.piece_graphs:
-            self._capture()
+        if self.graphs is None and self._steps and self.piece_graphs and not self._no_graphs:
+            try:
+                self._capture()
+            except Exception as e:  # noqa: BLE001 - a torch or driver that cannot capture these: stay eager
+                self._no_graphs, self.graphs = True, None
+                log.warning("CUDA-graph capture of the streamed decode step failed (%s); launching its kernels "
+                            "one by one", str(e).splitlines()[0] if str(e) else type(e).__name__)
         stream = torch.cuda.current_stream(self.device)
         self._set_input(token, pos)
         self._run(0, self._embed)
