@@ -74,6 +74,20 @@ if triton is not None:
         return p, w, xrow, tl.where(rmask, rows, 0), rmask
 
     @triton.jit
+    def _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d, stride_s, BN: tl.constexpr,
+                 ALIGN: tl.constexpr):
+        """As _pair, for the kernels on 8-bit activations: the program's input row as int32 words, its
+        scales and sums per 16, and its weight rows' byte pointers."""
+        p = tl.program_id(1)
+        w = base + tl.multiple_of(tl.load(offs + p), ALIGN)
+        xr = tl.load(xrows + p).to(tl.int64)
+        xw = (xq + xr * stride_q).to(tl.pointer_type(tl.int32))
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        rmask = rows < N
+        row0 = w + tl.where(rmask, rows, 0).to(tl.int64) * row_bytes  # [BN] byte pointers
+        return p, xw, dx + xr * stride_d, xs + xr * stride_s, rows, rmask, row0
+
+    @triton.jit
     def _q4_k_kernel(base, offs, xrows, x, y, N, K, row_bytes, stride_x, stride_y, BN: tl.constexpr,
                      ALIGN: tl.constexpr, Q5: tl.constexpr, SB: tl.constexpr):
         # Q4_K block (256 weights, 144 bytes): d, dmin (fp16), 12 bytes of 6-bit scales/mins, 128 bytes of
@@ -154,15 +168,8 @@ if triton is not None:
         # activation words 16i + j and 16i + 8 + j; the two dp4a sums are scaled per sub-block (2i, 2i + 1).
         # A block's first 16 bytes are read as four words (d | dmin, then the 12 scale bytes), and the
         # 6-bit scales and mins are cut from them in registers.
-        p = tl.program_id(1)
-        w = base + tl.multiple_of(tl.load(offs + p), ALIGN)
-        xr = tl.load(xrows + p).to(tl.int64)
-        xw = (xq + xr * stride_q).to(tl.pointer_type(tl.int32))
-        dxr = dx + xr * stride_d
-        xsr = xs + xr * stride_s
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        rmask = rows < N
-        row0 = w + tl.where(rmask, rows, 0).to(tl.int64) * row_bytes  # [BN] byte pointers
+        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
+                                                       stride_s, BN, ALIGN)
         BW: tl.constexpr = 44 if Q5 else 36  # block words
         QW: tl.constexpr = 12 if Q5 else 4  # where the nibbles start
         sbi = tl.arange(0, SB)[None, :, None, None]
@@ -263,15 +270,8 @@ if triton is not None:
         # 4j.. of ql's quarters A = ql[64h:], B = ql[64h + 32:] and of H = qh[32h:]. The four 6-bit values
         # v_k of weight 128h + 32k + 4j.. are A's and B's low then high nibbles with H's bits 2k, 2k + 1 on top;
         # dp4a(v_k, x) - 32 * sum(x) is the integer dot of (v - 32) with the group of 16, scale byte 8h + 2k + s.
-        p = tl.program_id(1)
-        w = base + tl.multiple_of(tl.load(offs + p), ALIGN)
-        xr = tl.load(xrows + p).to(tl.int64)
-        xw = (xq + xr * stride_q).to(tl.pointer_type(tl.int32))
-        dxr = dx + xr * stride_d
-        xsr = xs + xr * stride_s
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        rmask = rows < N
-        row0 = w + tl.where(rmask, rows, 0).to(tl.int64) * row_bytes  # [BN] byte pointers
+        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
+                                                       stride_s, BN, ALIGN)
         sbi = tl.arange(0, SB)[None, :, None, None]
         u = tl.arange(0, 4)[None, None, :, None]
         jj = tl.arange(0, 4)[None, None, None, :]
