@@ -40,3 +40,25 @@ def llama_cpp():
             raise
         pytest.skip("llama-cpp-python is not installed (pip install -e '.[dev]')")
     return llama_cpp
+
+
+@pytest.fixture
+def gated_reads(monkeypatch):
+    """Every io.Reader read waits for ``.gate`` (set it to let them through); ``.started`` is set once one
+    has begun, and ``.order`` lists the experts in the order their reads began."""
+    import threading
+    from types import SimpleNamespace
+
+    from flashmoe_stream.io import Reader
+
+    g = SimpleNamespace(gate=threading.Event(), started=threading.Event(), order=[])
+    real = Reader._read
+
+    def gated(self, lay, out):
+        g.order.append(lay.expert)
+        g.started.set()
+        assert g.gate.wait(30)
+        return real(self, lay, out)
+
+    monkeypatch.setattr(Reader, "_read", gated)
+    return g

@@ -341,20 +341,12 @@ def test_prefetch_of_a_layer_whose_prefetches_go_unused_is_cut_to_probes(store):
     assert ec.PREFETCH_TRUST_AFTER <= s[0]["prefetch_issued"] <= most, s[0]["prefetch_issued"]
 
 
-def test_a_get_s_reads_start_before_queued_prefetches(store, monkeypatch):
+def test_a_get_s_reads_start_before_queued_prefetches(store, gated_reads):
     """With the Reader busy, the misses a get() waits for, and a queued prefetch it comes to wait for, start
     before the prefetches queued earlier."""
     import time
 
-    gate, order = threading.Event(), []
-    real = Reader._read
-
-    def slow(self, lay, out):
-        order.append(lay.expert)
-        assert gate.wait(30)
-        return real(self, lay, out)
-
-    monkeypatch.setattr(Reader, "_read", slow)
+    gate, order = gated_reads.gate, gated_reads.order
     dev, host, k = sizes(store)
     reader = Reader(store, threads=1, queue_depth=16)
     with ExpertCache(store, "cpu", device_budget=16 * dev, host_budget=16 * host, reader=reader) as c:

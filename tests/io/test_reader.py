@@ -110,18 +110,9 @@ def test_file_truncated_after_open_raises_on_result(make_model, make_store, tmp_
         r.read(0, 1)  # the Reader still works
 
 
-def test_cancel_and_bounded_queue_depth(make_store, monkeypatch):
+def test_cancel_and_bounded_queue_depth(make_store, gated_reads):
     store = ExpertStore(make_store("qwen3moe", "Q8_0"))
-    gate = threading.Event()
-    started = threading.Event()
-    real = Reader._read
-
-    def slow(self, lay, out):
-        started.set()
-        assert gate.wait(30)
-        return real(self, lay, out)
-
-    monkeypatch.setattr(Reader, "_read", slow)
+    gate, started = gated_reads.gate, gated_reads.started
     with Reader(store, threads=1, queue_depth=3) as r:
         f0 = r.submit(0, 0)
         assert started.wait(30)
@@ -191,19 +182,10 @@ def test_busy_time_counts_while_a_read_runs_and_not_while_idle(make_store, monke
         assert r.busy_s >= busy + 0.2
 
 
-def test_urgent_and_promoted_requests_start_first(make_store, monkeypatch):
+def test_urgent_and_promoted_requests_start_first(make_store, gated_reads):
     """One thread, busy: queued requests start in order, the urgent ones (and those promoted) first."""
     store = ExpertStore(make_store("qwen3moe", "Q8_0"))
-    gate, started, order = threading.Event(), threading.Event(), []
-    real = Reader._read
-
-    def slow(self, lay, out):
-        order.append(lay.expert)
-        started.set()
-        assert gate.wait(30)
-        return real(self, lay, out)
-
-    monkeypatch.setattr(Reader, "_read", slow)
+    gate, started, order = gated_reads.gate, gated_reads.started, gated_reads.order
     with Reader(store, threads=1, queue_depth=8) as r:
         f0 = r.submit(0, 0)
         assert started.wait(30)
