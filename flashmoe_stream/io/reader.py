@@ -65,8 +65,7 @@ class Reader:
         self._queue: list = []  # a heap of (0 urgent / 1 not / 2 stop, order, request)
         self._queued = threading.Condition()
         self._order = itertools.count()
-        self._requests: dict[Future, _Request] = {}
-        self._pending: set[Future] = set()
+        self._requests: dict[Future, _Request] = {}  # outstanding (queued or running)
         self._lock = threading.Lock()
         self._closed = False
         self._active, self._busy_since, self._busy_total = 0, 0.0, 0.0  # reads running; for busy_s
@@ -125,21 +124,17 @@ class Reader:
             if self._closed:
                 self._slots.release()
                 raise StoreError("Reader is closed")
-            self._pending.add(fut)
-        req = _Request(lay, fut, out)
-        with self._queued:
-            self._requests[fut] = req
+            req = self._requests[fut] = _Request(lay, fut, out)
         fut.add_done_callback(self._done)
         self._put(0 if urgent else 1, req)
         return fut
 
     def promote(self, future: Future) -> None:
         """Make a queued request urgent (nothing if it has started or is not this Reader's)."""
-        with self._queued:
+        with self._lock:
             req = self._requests.get(future)
-            if req is None or req.taken:
-                return
-        self._put(0, req)
+        if req is not None and not req.taken:  # (one taken meanwhile is skipped when popped again)
+            self._put(0, req)
 
     def _put(self, rank: int, req) -> None:
         with self._queued:
@@ -162,7 +157,7 @@ class Reader:
     @property
     def outstanding(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return len(self._requests)
 
     @property
     def busy_s(self) -> float:
@@ -180,8 +175,6 @@ class Reader:
 
     def _done(self, fut: Future) -> None:
         with self._lock:
-            self._pending.discard(fut)
-        with self._queued:
             self._requests.pop(fut, None)
         self._slots.release()
 
@@ -292,7 +285,7 @@ class Reader:
             if self._closed:
                 return
             self._closed = True
-            pending = list(self._pending)
+            pending = list(self._requests)
         for f in pending:
             f.cancel()
         for _ in self._workers:

@@ -87,11 +87,11 @@ class MoEDecoder(StreamingDecoder):
     def _stream_step(self, segment, on_route):
         """One token of one sequence with the fused kernels, its experts from the cache (models/graph.py),
         where they run here (``fused_steps``), else the layer loop."""
-        from .graph import StreamDecode
+        from .graph import StreamDecode, supported
 
         tokens, kv = segment
         if self._fused_ok is None:
-            self._fused_ok = StreamDecode.supported(self)
+            self._fused_ok = supported(self)
         if not (self.fused_steps and self._fused_ok):
             return super().forward_batch([segment], on_route)
         st = self._streams.get(kv)

@@ -140,8 +140,6 @@ class GraphDecode(_FusedStep):
     cache's ExpertWeights, on the GPU); holding them keeps their memory valid for the graph's lifetime
     whatever the cache does."""
 
-    supported = staticmethod(supported)
-
     def __init__(self, model, experts: dict[int, list], kv):
         super().__init__(model, kv)
         c = self.cfg
@@ -211,7 +209,6 @@ class StreamDecode(_FusedStep):
     A layer whose experts are not all 16-byte aligned runs its expert kernels eagerly (the graphs take
     the aligned kernels). ``piece_graphs = False`` keeps every step eager."""
 
-    supported = staticmethod(supported)
     piece_graphs = True
 
     def __init__(self, model, kv):
