@@ -212,7 +212,7 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     # so the compute of some experts hides the reads of the others
     pipelined = few and dev.type == "cpu" and hasattr(experts, "start")
     todo = list(range(len(needed)))  # indices into needed, in the order to compute
-    resident = len(needed)
+    resident = 0  # (pipelined) how many at the front of todo are on the device already
     if pipelined:
         missing = set(experts.start(layer, needed.tolist()))
         todo = [j for j in todo if int(needed[j]) not in missing] + [j for j in todo if int(needed[j]) in missing]
