@@ -44,10 +44,10 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
             eng.model.forward(torch.tensor(ids), eng.model.new_kv_cache(len(ids)))
             eng.cache.wait_idle()
         kv = eng.model.new_kv_cache(len(ids))
-        routes: dict[int, set] = {}
+        seen: list = []  # (layer, ids): read after decode, so that reading them adds no wait to any step
 
         def on_route(layer, r, _w):
-            routes.setdefault(layer, set()).update(tuple(sorted(x)) for x in r.tolist())
+            seen.append((layer, r))
 
         t0 = time.perf_counter()
         eng.model.forward(torch.tensor(ids[:prompt_tokens]), kv, on_route)
@@ -61,6 +61,9 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         if eng.device.type == "cuda":
             torch.cuda.synchronize(eng.device)
         decode_s = time.perf_counter() - t0
+        routes: dict[int, set] = {}
+        for layer, r in seen:
+            routes.setdefault(layer, set()).update(tuple(sorted(x)) for x in r.tolist())
         after = eng.cache.stats()["total"]
         eng.cache.wait_idle()
         # shared virtual disks drift within minutes: the raw bandwidth is measured again after decode and

@@ -13,11 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant._triton import _q8_groups
+
 
 @triton.jit
-def _add_norm_kernel(x, d, dw, nw, h, hf, E, eps, ND: tl.constexpr, HAS_W: tl.constexpr, OUT_F: tl.constexpr,
-                     BE: tl.constexpr):
-    # x += sum_j dw[j] * d[j] (ND rows; weight 1 without HAS_W), then h = RMSNorm(x) * nw
+def _add_norm_kernel(x, d, dw, nw, h, hf, xq, dx, xs, E, eps, ND: tl.constexpr, HAS_W: tl.constexpr,
+                     OUT_F: tl.constexpr, Q8: tl.constexpr, BE: tl.constexpr):
+    # x += sum_j dw[j] * d[j] (ND rows; weight 1 without HAS_W), then h = RMSNorm(x) * nw (and with Q8, h
+    # rounded to 8 bits per 32 for the GEMVs that take it: quantize_q8 of h, without its launch)
     offs = tl.arange(0, BE)
     m = offs < E
     v = tl.load(x + offs, mask=m, other=0.0)
@@ -30,22 +33,28 @@ def _add_norm_kernel(x, d, dw, nw, h, hf, E, eps, ND: tl.constexpr, HAS_W: tl.co
         tl.store(x + offs, v, mask=m)
     r = tl.rsqrt(tl.sum(v * v, axis=0) / E + eps)
     y = v * r * tl.load(nw + offs, mask=m, other=0.0)
-    tl.store(h + offs, y.to(h.dtype.element_ty), mask=m)
+    yh = y.to(h.dtype.element_ty)
+    tl.store(h + offs, yh, mask=m)
     if OUT_F:
         tl.store(hf + offs, y, mask=m)
+    if Q8:
+        g = tl.arange(0, BE // 32)
+        _q8_groups(tl.reshape(yh.to(tl.float32), (BE // 32, 2, 16)), g, g < E // 32, xq, dx, xs)
 
 
 def add_norm(x: torch.Tensor, d: torch.Tensor | None, dw: torch.Tensor | None, nw: torch.Tensor, eps: float,
-             h: torch.Tensor, hf: torch.Tensor | None = None) -> None:
+             h: torch.Tensor, hf: torch.Tensor | None = None, x8: tuple | None = None) -> None:
     """x [E] float32 += sum_j dw[j] * d[j] (d [n, E] float32; dw [n] or None for weight 1; d None: no add),
-    in place; then h (and hf, float32, where given) = RMSNorm(x) * nw."""
+    in place; then h (and hf, float32, where given) = RMSNorm(x) * nw. ``x8`` (quant.fused_q8_buffers(1, E),
+    E a multiple of 32): filled with h rounded to 8 bits, as quantize_q8(h) would."""
     E = x.numel()
     if d is not None:
         d = d.reshape(-1, E)
     nd = 0 if d is None else d.shape[0]
-    _add_norm_kernel[(1,)](x, x if d is None else d, x if dw is None else dw, nw, h, x if hf is None else hf, E,
-                           eps, ND=nd, HAS_W=dw is not None, OUT_F=hf is not None, BE=triton.next_power_of_2(E),
-                           num_warps=8)
+    xq, dx, xs = x8 or (x, x, x)
+    _add_norm_kernel[(1,)](x, x if d is None else d, x if dw is None else dw, nw, h, x if hf is None else hf,
+                           xq, dx, xs, E, eps, ND=nd, HAS_W=dw is not None, OUT_F=hf is not None,
+                           Q8=x8 is not None, BE=max(32, triton.next_power_of_2(E)), num_warps=8)
 
 
 @triton.jit
@@ -95,8 +104,10 @@ def qk_rope(q, k, v, qn, kn, cos, sin, pos, kc, vc, qo, eps: float, neox: bool) 
 
 
 @triton.jit
-def _attend_kernel(q, kc, vc, pos, out, HKV, scale, GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    # program = one q head, over positions 0..pos of its KV head, with an online softmax
+def _attend_kernel(q, kc, vc, pos, out, xq, dx, xs, HKV, scale, GROUP: tl.constexpr, D: tl.constexpr,
+                   BT: tl.constexpr, Q8: tl.constexpr):
+    # program = one q head, over positions 0..pos of its KV head, with an online softmax; with Q8 its
+    # output also rounded to 8 bits per 32 (D a multiple of 32) for the output projection
     h = tl.program_id(0)
     g = h // GROUP
     p = tl.load(pos)
@@ -118,47 +129,77 @@ def _attend_kernel(q, kc, vc, pos, out, HKV, scale, GROUP: tl.constexpr, D: tl.c
         vv = tl.load(vc + at, mask=tm[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(e[:, None] * vv, axis=0)
         m_i = m_new
-    tl.store(out + h * D + d, (acc / l_i).to(out.dtype.element_ty))
+    o = (acc / l_i).to(out.dtype.element_ty)
+    tl.store(out + h * D + d, o)
+    if Q8:
+        g = h * (D // 32) + tl.arange(0, D // 32)
+        _q8_groups(tl.reshape(o.to(tl.float32), (D // 32, 2, 16)), g, g >= 0, xq, dx, xs)
 
 
-def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> None:
+def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
+           x8: tuple | None = None) -> None:
     """Softmax attention of one token's q [H*D] (float32) over the cache's positions 0..pos (kc, vc [n_ctx,
-    HKV, D]), scaled by 1/sqrt(D): out [H*D]."""
+    HKV, D]), scaled by 1/sqrt(D): out [H*D]. ``x8`` (fused_q8_buffers(1, H*D), D a multiple of 32): out
+    rounded to 8 bits as well."""
     HKV, D = kc.shape[1], kc.shape[2]
     H = q.numel() // D
-    _attend_kernel[(H,)](q, kc, vc, pos, out, HKV, D ** -0.5, GROUP=H // HKV, D=D, BT=32, num_warps=4)
+    xq, dx, xs = x8 or (out, out, out)
+    _attend_kernel[(H,)](q, kc, vc, pos, out, xq, dx, xs, HKV, D ** -0.5, GROUP=H // HKV, D=D, BT=32,
+                         Q8=x8 is not None, num_warps=4)
 
 
 @triton.jit
-def _route_kernel(logits, table, ids, wts, offs, NE, K: tl.constexpr, NORM: tl.constexpr, BE: tl.constexpr):
-    # softmax over the experts, the K largest (lowest id first among equals), their weights (renormalised
-    # over the K with NORM), and each one's gate, up and down offsets from table [3, NE]
+def _router_kernel(h, w, out, NE, E, stride_w, BR: tl.constexpr, BK: tl.constexpr):
+    # out[r] = sum_e w[r, e] * h[e], BR rows a program
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = r < NE
+    acc = tl.zeros([BR, BK], tl.float32)
+    for k0 in range(0, E, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < E
+        wv = tl.load(w + r.to(tl.int64)[:, None] * stride_w + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        acc += wv.to(tl.float32) * tl.load(h + k, mask=km, other=0.0)[None, :]
+    tl.store(out + r, tl.sum(acc, axis=1), mask=rm)
+
+
+def router_logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [NE] float32 = w [NE, E] @ h [E] (float32), one program a row: a GEMV of a few MB spread over
+    the GPU, where cuBLAS ran it on a few SMs. Returns out."""
+    NE, E = w.shape
+    w = w if w.stride(1) == 1 else w.contiguous()
+    bk = min(triton.next_power_of_2(E), 4096)
+    _router_kernel[(NE,)](h, w, out, NE, E, w.stride(0), BR=1, BK=bk, num_warps=4)
+    return out
+
+
+@triton.jit
+def _route_kernel(logits, table, ids, wts, offs, NE, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
+                  BE: tl.constexpr):
+    # softmax over the experts, the K largest (lowest id first among equals) gathered into vectors, their
+    # weights (renormalised over the K with NORM), and each one's gate, up and down offsets from table
+    # [3, NE]: the loads and stores are one vector each, not one per expert
     e = tl.arange(0, BE)
     m = e < NE
     z = tl.load(logits + e, mask=m, other=float("-inf"))
     pr = tl.exp(z - tl.max(z, axis=0))
     pr = tl.where(m, pr / tl.sum(pr, axis=0), -1.0)
-    total = tl.sum(tl.zeros([BE], tl.float32), axis=0)
+    j = tl.arange(0, KP)
+    jm = j < K
+    sel = tl.zeros([KP], tl.int32)
+    val = tl.zeros([KP], tl.float32)
     left = pr
-    for j in tl.static_range(K):
+    for t in tl.static_range(K):
         best = tl.max(left, axis=0)
-        total += best
         idx = tl.min(tl.where(left == best, e, BE), axis=0)
         left = tl.where(e == idx, -2.0, left)
+        sel = tl.where(j == t, idx, sel)
+        val = tl.where(j == t, best, val)
     if NORM:
-        scale = 1.0 / total
-    else:
-        scale = total * 0.0 + 1.0
-    left = pr
-    for j in tl.static_range(K):
-        best = tl.max(left, axis=0)
-        idx = tl.min(tl.where(left == best, e, BE), axis=0)
-        left = tl.where(e == idx, -2.0, left)
-        tl.store(ids + j, idx.to(tl.int64))
-        tl.store(wts + j, best * scale)
-        tl.store(offs + j, tl.load(table + idx))
-        tl.store(offs + K + j, tl.load(table + NE + idx))
-        tl.store(offs + 2 * K + j, tl.load(table + 2 * NE + idx))
+        val = val * (1.0 / tl.sum(val, axis=0))
+    tl.store(ids + j, sel.to(tl.int64), mask=jm)
+    tl.store(wts + j, val, mask=jm)
+    for c in tl.static_range(3):
+        tl.store(offs + c * K + j, tl.load(table + c * NE + sel, mask=jm, other=0), mask=jm)
 
 
 def route_topk(logits: torch.Tensor, table: torch.Tensor, k: int, norm: bool, ids: torch.Tensor,
@@ -166,21 +207,29 @@ def route_topk(logits: torch.Tensor, table: torch.Tensor, k: int, norm: bool, id
     """Top-k softmax routing of one token's router logits [NE]: ids [k] int64, wts [k] float32, and offs
     [3k] int64: the chosen experts' gate, then up, then down byte offsets from ``table`` [3, NE]."""
     NE = logits.numel()
-    _route_kernel[(1,)](logits, table, ids, wts, offs, NE, K=k, NORM=norm, BE=triton.next_power_of_2(NE),
-                        num_warps=1)
+    _route_kernel[(1,)](logits, table, ids, wts, offs, NE, K=k, KP=triton.next_power_of_2(k), NORM=norm,
+                        BE=triton.next_power_of_2(NE), num_warps=1)
 
 
 @triton.jit
-def _silu_mul_kernel(gu, out, F, K, BF: tl.constexpr):
+def _silu_mul_kernel(gu, out, xq, dx, xs, F, K, stride_q, stride_d, stride_s, BF: tl.constexpr, Q8: tl.constexpr):
     r = tl.program_id(0)
     f = tl.program_id(1) * BF + tl.arange(0, BF)
     m = f < F
     g = tl.load(gu + r * F + f, mask=m, other=0.0)
     u = tl.load(gu + (K + r) * F + f, mask=m, other=0.0)
-    tl.store(out + r * F + f, (g / (1.0 + tl.exp(-g)) * u).to(out.dtype.element_ty), mask=m)
+    o = (g / (1.0 + tl.exp(-g)) * u).to(out.dtype.element_ty)
+    tl.store(out + r * F + f, o, mask=m)
+    if Q8:
+        gr = tl.program_id(1) * (BF // 32) + tl.arange(0, BF // 32)
+        _q8_groups(tl.reshape(o.to(tl.float32), (BF // 32, 2, 16)), gr, gr < F // 32, xq + r * stride_q,
+                   dx + r * stride_d, xs + r * stride_s)
 
 
-def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> None:
-    """gu [2k, F] float32 (k gate rows, then k up rows): out [k, F] = SiLU(gate) * up."""
+def silu_mul(gu: torch.Tensor, out: torch.Tensor, x8: tuple | None = None) -> None:
+    """gu [2k, F] float32 (k gate rows, then k up rows): out [k, F] = SiLU(gate) * up; ``x8``
+    (fused_q8_buffers(k, F), F a multiple of 32): out rounded to 8 bits as well."""
     k, F = out.shape
-    _silu_mul_kernel[(k, triton.cdiv(F, 1024))](gu, out, F, k, BF=1024, num_warps=4)
+    xq, dx, xs = x8 or (out, out, out)
+    _silu_mul_kernel[(k, triton.cdiv(F, 1024))](gu, out, xq, dx, xs, F, k, xq.stride(0), dx.stride(0), xs.stride(0),
+                                                BF=1024, Q8=x8 is not None, num_warps=4)

@@ -78,7 +78,7 @@ class MoEDecoder(StreamingDecoder):
         if hasattr(self.experts, "count_hits"):  # one token's top-k: k distinct experts a layer, all resident
             for i in range(self.cfg.n_layer):
                 self.experts.count_hits(i, self.cfg.n_expert_used)
-        if on_route is not None:  # the host sees the routes only when asked (one copy, one sync)
+        if on_route is not None:  # device tensors: the host waits for them only where it reads them
             ids, weights = self._graph.routes()
             for i in range(self.cfg.n_layer):
                 on_route(i, ids[i: i + 1], weights[i: i + 1])

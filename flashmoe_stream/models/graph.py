@@ -25,7 +25,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..quant import QTensor, fused_gemv_pairs, fused_quantize_q8
+from ..quant import QTensor, fused_gemv_pairs, fused_q8_buffers, fused_quantize_q8
 from .common import fused_supported_for, mm, rope_angles
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ class _FusedStep:
         self.q = torch.zeros(c.n_head * c.head_dim, dtype=torch.float32, device=dev)
         self.att = torch.zeros(c.n_head * c.head_dim, dtype=model.dtype, device=dev)
         self.act = None  # SiLU(gate) * up, [k, n_ff] (n_ff known from the first experts)
+        # h, att and act rounded to 8 bits by the kernels that write them, for the GEMVs on 8-bit activations
+        # (no quantize_q8 launch of their own; None where a width is not a multiple of 32)
+        self.x8h = fused_q8_buffers(1, c.n_embd, dev) if c.n_embd % 32 == 0 else None
+        self.x8att = fused_q8_buffers(1, c.n_head * c.head_dim, dev) if c.head_dim % 32 == 0 else None
+        self.x8act = None
+        self.logit = torch.zeros(c.n_expert, dtype=torch.float32, device=dev)  # a layer's router logits
         self._in_host = torch.zeros(2, dtype=torch.int64, pin_memory=True)
         self._in_copied = torch.cuda.Event()  # recorded after each copy of _in_host
 
@@ -91,7 +97,7 @@ class _FusedStep:
 
         m = self.model
         self.x_in.copy_(m.embed(self.tok))
-        K.add_norm(self.x_in.view(-1), None, None, m.attn[0].norm, self.cfg.rms_eps, self.h)
+        K.add_norm(self.x_in.view(-1), None, None, m.attn[0].norm, self.cfg.rms_eps, self.h, x8=self.x8h)
 
     def _attention(self, i: int) -> torch.Tensor:
         """Layer i's attention added to the residual, the FFN's input normed into h (and hf); returns the
@@ -101,13 +107,14 @@ class _FusedStep:
         m, c, kv = self.model, self.cfg, self.kv
         w, f = m.attn[i], m.ffn_w[i]
         h1 = self.h.view(1, -1)
-        x8 = fused_quantize_q8(h1)  # q, k and v multiply the same input
+        x8 = self.x8h or fused_quantize_q8(h1)  # q, k and v multiply the same input
         q, kk, v = (_proj(h1, t, x8) for t in (w.q, w.k, w.v))
         K.qk_rope(q, kk, v, w.q_norm, w.k_norm, self.cos, self.sin, self.pos, kv.k[i], kv.v[i], self.q, c.rms_eps,
                   c.rope_neox)
-        K.attend(self.q, kv.k[i], kv.v[i], self.pos, self.att)
-        K.add_norm(self.x_in.view(-1), _proj(self.att.view(1, -1), w.o), None, f.norm, c.rms_eps, self.h, self.hf)
-        return (self.hf.view(1, -1) @ f.router.T).view(-1)
+        K.attend(self.q, kv.k[i], kv.v[i], self.pos, self.att, x8=self.x8att)
+        K.add_norm(self.x_in.view(-1), _proj(self.att.view(1, -1), w.o, self.x8att), None, f.norm, c.rms_eps, self.h,
+                   self.hf, x8=self.x8h)
+        return K.router_logits(self.hf, f.router, self.logit)
 
     def _experts(self, i: int, offs: torch.Tensor, base: torch.Tensor, types: dict, aligned: bool) -> None:
         """Layer i's routed experts (pairs: ``offs`` [3k] bytes from ``base``, gate then up then down) weighted
@@ -118,21 +125,23 @@ class _FusedStep:
         k = c.n_expert_used
         (tg, sg), (tu, su), (td, sd) = (types[n] for n in _NAMES)
         h1 = self.h.view(1, -1)
+        x8 = self.x8h
         if tg == tu:
-            gu = fused_gemv_pairs(h1, base, offs[:2 * k], self.xrows_gu, tg, sg, aligned)
+            gu = fused_gemv_pairs(h1, base, offs[:2 * k], self.xrows_gu, tg, sg, aligned, x8=x8)
         else:
-            x8 = fused_quantize_q8(h1)
+            x8 = x8 or fused_quantize_q8(h1)
             gu = torch.cat([fused_gemv_pairs(h1, base, offs[j * k:(j + 1) * k], self.xrows_gu[:k], t, sh, aligned, x8=x8)
                             for j, (t, sh) in enumerate(((tg, sg), (tu, su)))])
         if self.act is None:
             self.act = torch.zeros(k, sd[1], dtype=m.dtype, device=self.device)
-        K.silu_mul(gu, self.act)
-        y = fused_gemv_pairs(self.act, base, offs[2 * k:], self.xrows_down, td, sd, aligned)
+            self.x8act = fused_q8_buffers(k, sd[1], self.device) if sd[1] % 32 == 0 else None
+        K.silu_mul(gu, self.act, x8=self.x8act)
+        y = fused_gemv_pairs(self.act, base, offs[2 * k:], self.xrows_down, td, sd, aligned, x8=self.x8act)
         nxt = m.attn[i + 1].norm if i + 1 < c.n_layer else m.out_norm
-        K.add_norm(self.x_in.view(-1), y, self.weights[i], nxt, c.rms_eps, self.h)
+        K.add_norm(self.x_in.view(-1), y, self.weights[i], nxt, c.rms_eps, self.h, x8=self.x8h)
 
     def _head(self) -> torch.Tensor:
-        return _proj(self.h.view(1, -1), self.model.output).view(1, -1)
+        return _proj(self.h.view(1, -1), self.model.output, self.x8h).view(1, -1)
 
 
 class GraphDecode(_FusedStep):
@@ -153,7 +162,6 @@ class GraphDecode(_FusedStep):
         self.tables = torch.from_numpy(addrs - self.base.data_ptr()).to(self.device)
         self.graph = None
         self.logits = None
-        self._host = None  # pinned host copies of ids and weights (routes())
 
     def _step(self) -> torch.Tensor:
         from . import _fused as K
@@ -189,15 +197,9 @@ class GraphDecode(_FusedStep):
         return self.logits.clone()
 
     def routes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last step's expert ids and router weights, [n_layer, k] each, on the host."""
-        if self._host is None:
-            self._host = (torch.empty(self.ids.shape, dtype=self.ids.dtype, pin_memory=True),
-                          torch.empty(self.weights.shape, dtype=self.weights.dtype, pin_memory=True))
-        ids, weights = self._host
-        ids.copy_(self.ids, non_blocking=True)
-        weights.copy_(self.weights, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return ids.clone(), weights.clone()
+        """The last step's expert ids and router weights, [n_layer, k] each: copies on the GPU, made in the
+        step's stream, so asking for them does not wait for the step (a host copy waits where it is made)."""
+        return self.ids.clone(), self.weights.clone()
 
 
 class StreamDecode(_FusedStep):
@@ -219,6 +221,8 @@ class StreamDecode(_FusedStep):
         self.table = torch.zeros(3, c.n_expert, dtype=torch.int64, device=self.device)  # route_topk's (unused)
         self.pred = torch.zeros(k, dtype=torch.int64, device=self.device)
         self.xn = torch.zeros(c.n_embd, dtype=torch.float32, device=self.device)  # normed for the prediction
+        self._pw = torch.zeros(k, dtype=torch.float32, device=self.device)  # the prediction's (unused) weights
+        self._po = torch.zeros(3 * k, dtype=torch.int64, device=self.device)  # ... and offsets
         self._back = torch.zeros(2 * k, dtype=torch.int64, pin_memory=True)  # ids, then the predicted ids
         self._wback = torch.zeros(k, dtype=torch.float32, pin_memory=True)
         self._offs_host = torch.zeros(c.n_layer, 3 * k, dtype=torch.int64, pin_memory=True)
@@ -244,7 +248,8 @@ class StreamDecode(_FusedStep):
                      self.offs[i])
         if self._ahead(i):
             K.add_norm(self.x_in.view(-1), None, None, m.ffn_w[i + 1].norm, c.rms_eps, self.xn)
-            self.pred.copy_((self.xn.view(1, -1) @ m.ffn_w[i + 1].router.T).view(-1).topk(k).indices)
+            K.route_topk(K.router_logits(self.xn, m.ffn_w[i + 1].router, self.logit), self.table, k, False,
+                         self.pred, self._pw, self._po)
 
     def _pieces(self) -> list:
         L = self.cfg.n_layer

@@ -161,11 +161,13 @@ def qbmm(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype: GGMLQuantizationT
 
 # fused dequantise-multiply (GPUs) and the weight type that uses it; imported last: they use the above
 from ._qtensor import QTensor  # noqa: E402
-from ._triton import gemv_pairs as fused_gemv_pairs, quantize_q8 as fused_quantize_q8  # noqa: E402
+from ._triton import gemv_pairs as fused_gemv_pairs, q8_buffers as fused_q8_buffers  # noqa: E402
+from ._triton import quantize_q8 as fused_quantize_q8  # noqa: E402
 from ._triton import supports as fused_supported  # noqa: E402
 
 NATIVE_ROWS = _cpu.MAX_ROWS  # rows of x up to which qmatmul/qbmm use the native CPU kernels
 native_supported = _cpu.supported  # whether the native CPU kernels take a type (and are built)
 
 
-__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_quantize_q8", "fused_supported", "native_supported"]
+__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_q8_buffers", "fused_quantize_q8", "fused_supported",
+            "native_supported"]

@@ -32,14 +32,19 @@ except ImportError:  # CPU-only torch builds ship no Triton
 
 def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, int, int]:
     """(rows per program, warps, K-quant superblocks per step): the fastest of sweeps on an H200 for the
-    Qwen3-235B shapes, timed inside CUDA graphs (tools/gpu_profile.py; docs/BENCHMARKS.md)."""
+    Qwen3-235B shapes, timed inside CUDA graphs (tools/gpu_gemv_sweep.py; docs/BENCHMARKS.md). On 8-bit
+    activations, few rows a program over many superblocks a step: more reads in flight per thread, and
+    small weights (k, v: 512 rows) spread over many programs instead of looping 16 times in a few."""
+    sbs = K // 256
     if name in ("Q4_K", "Q5_K"):
         if not q8:  # float activations (weights not 16-byte aligned)
             return (8, 2, 2) if P >= 8 else (8, 4, 4)
-        return (32, 4, 2) if P >= 8 else (8, 4, 2)
+        if sbs % 8:  # K 1536 (the experts' down): 8 superblocks a step do not divide a row
+            return (32, 4, 2) if P >= 8 else (8, 4, 2)
+        return (1, 1, 8) if N * P <= 1024 else ((2, 1, 4) if K <= 4096 else (2, 1, 8))
     if name == "Q6_K":
-        if q8:  # the head (N 151936) and the experts' down (8 pairs) alike
-            return 4, 1, 1
+        if q8:  # the head (N 151936) and the experts' down (8 pairs): 4 rows, one superblock a step
+            return (1, 1, 8) if N * P <= 1024 and sbs % 8 == 0 else (4, 1, 1)
         return (16, 8, 1) if N >= 32768 else ((4, 1, 1) if P >= 8 else (8, 2, 1))
     return 16, 2, 1
 
@@ -140,75 +145,96 @@ if triton is not None:
             return s + (a >> 24) * (b >> 24)
 
     @triton.jit
-    def _quantize_q8_kernel(x, xq, dx, xs, K, stride_x, stride_q, stride_d, stride_s, BG: tl.constexpr):
-        # BG groups of 32 values of one row: int8 q = round(x * 127 / amax) (half away from zero), the
-        # scale amax / 127 per 32, and the integer sums of q per 16 (the K-quants' min and offset terms)
-        r = tl.program_id(0).to(tl.int64)
-        g = tl.program_id(1) * BG + tl.arange(0, BG)
-        gm = g < K // 32
+    def _q8_groups(v, g, gm, xq, dx, xs):
+        """Groups g [BG] of 32 values of one row (v [BG, 2, 16] float32; mask gm) rounded to 8 bits, as
+        quantize_q8 stores them: int8 q = round(v * 127 / amax) (half away from zero) at xq + 32g + ..,
+        the scale amax / 127 at dx + g, the integer sums of q per 16 at xs + 2g + (0, 1)."""
         h = tl.arange(0, 2)
         l16 = tl.arange(0, 16)
         at = (32 * g)[:, None, None] + (16 * h)[None, :, None] + l16[None, None, :]  # [BG, 2, 16]
-        v = tl.load(x + r * stride_x + at, mask=gm[:, None, None], other=0.0).to(tl.float32)
         amax = tl.max(tl.max(tl.abs(v), axis=2), axis=1)  # [BG]
-        inv = tl.where(amax > 0, tl.math.div_rn(tl.full([BG], 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
+        inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30)),
+                       0.0)
         t = v * inv[:, None, None]
         q = tl.minimum(tl.floor(tl.abs(t) + 0.5), 127.0)
         q = tl.where(t < 0, -q, q)
-        tl.store(xq + r * stride_q + at, q.to(tl.int8), mask=gm[:, None, None])
-        tl.store(dx + r * stride_d + g, amax / 127.0, mask=gm)
-        tl.store(xs + r * stride_s + (2 * g)[:, None] + h[None, :], tl.sum(q, axis=2), mask=gm[:, None])
+        tl.store(xq + at, q.to(tl.int8), mask=gm[:, None, None])
+        tl.store(dx + g, amax / 127.0, mask=gm)
+        tl.store(xs + (2 * g)[:, None] + h[None, :], tl.sum(q, axis=2), mask=gm[:, None])
 
     @triton.jit
-    def _q4_k_q8_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s, stride_y,
-                        BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SB: tl.constexpr,
-                        ASM: tl.constexpr):
-        # As _q4_k_kernel, on 8-bit activations, over [rows BN, superblocks SB, chunks 4, words 8]: word j of
-        # chunk i holds the nibbles of weights 64i + 4j.. (low) and 64i + 32 + 4j.. (high), so it meets
-        # activation words 16i + j and 16i + 8 + j; the two dp4a sums are scaled per sub-block (2i, 2i + 1).
-        # A block's first 16 bytes are read as four words (d | dmin, then the 12 scale bytes), and the
-        # 6-bit scales and mins are cut from them in registers.
-        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
-                                                       stride_s, BN, ALIGN)
+    def _quantize_q8_kernel(x, xq, dx, xs, K, stride_x, stride_q, stride_d, stride_s, BG: tl.constexpr):
+        # BG groups of 32 values of one row, see _q8_groups
+        r = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * BG + tl.arange(0, BG)
+        gm = g < K // 32
+        at = (32 * g)[:, None, None] + (16 * tl.arange(0, 2))[None, :, None] + tl.arange(0, 16)[None, None, :]
+        v = tl.load(x + r * stride_x + at, mask=gm[:, None, None], other=0.0).to(tl.float32)
+        _q8_groups(v, g, gm, xq + r * stride_q, dx + r * stride_d, xs + r * stride_s)
+
+    @triton.jit
+    def _q4k_words(row0, sb, SB: tl.constexpr, Q5: tl.constexpr):
+        """Q4_K/Q5_K weight words of superblocks sb..sb + SB - 1 of the rows at byte pointers row0 [BN]: the
+        nibbles [BN, SB, 4, 8] (word j of chunk i holds weights 64i + 4j.. low and 64i + 32 + 4j.. high), the
+        5th bits (Q5_K, [BN, SB, 1, 8]; else the nibbles again) and each block's first four words [BN, SB, 1]
+        (d | dmin, then the 12 bytes of 6-bit scales and mins)."""
         BW: tl.constexpr = 44 if Q5 else 36  # block words
         QW: tl.constexpr = 12 if Q5 else 4  # where the nibbles start
         sbi = tl.arange(0, SB)[None, :, None, None]
         i = tl.arange(0, 4)[None, None, :, None]
         j = tl.arange(0, 8)[None, None, None, :]
-        qword = BW * sbi + QW + 8 * i + j  # [1, SB, 4, 8]
-        xlo = 64 * sbi + 16 * i + j
+        blk = (row0 + sb * (4 * BW)).to(tl.pointer_type(tl.int32))
+        blkw = blk[:, None, None, None]  # [BN, 1, 1, 1]
+        q = tl.load(blkw + (BW * sbi + QW + 8 * i + j))
+        if Q5:
+            qh = tl.load(blkw + (BW * sbi + 4 + j))
+        else:
+            qh = q
+        hw = blk[:, None, None] + BW * tl.arange(0, SB)[None, :, None]  # [BN, SB, 1]: each block's first word
+        return q, qh, tl.load(hw), tl.load(hw + 1), tl.load(hw + 2), tl.load(hw + 3)
+
+    @triton.jit
+    def _q4k_dot(q, qh, w0, w1, w2, w3, xw, dxr, xsr, sb, SB: tl.constexpr, Q5: tl.constexpr, ASM: tl.constexpr):
+        """[BN, SB, 4]: the dot products of _q4k_words' chunks with the 8-bit activations (the row's int32
+        words xw, scales dxr and sums per 16 xsr) of superblocks sb..: chunk i's word j meets activation
+        words 16i + j and 16i + 8 + j; the two dp4a sums are scaled per sub-block (2i, 2i + 1)."""
+        sbi = tl.arange(0, SB)[None, :, None, None]
+        i = tl.arange(0, 4)[None, None, :, None]
+        j = tl.arange(0, 8)[None, None, None, :]
+        lo = q & 0x0F0F0F0F
+        hi = (q >> 4) & 0x0F0F0F0F
+        if Q5:  # qh word j holds the 5th bits of chunk i's weights at bits 2i (low) and 2i + 1 (high)
+            lo |= ((qh >> (2 * i)) & 0x01010101) << 4
+            hi |= ((qh >> (2 * i + 1)) & 0x01010101) << 4
+        xlo = sb * 64 + 64 * sbi + 16 * i + j  # [1, SB, 4, 8]
+        xl = tl.load(xw + xlo)
+        xh = tl.load(xw + 8 + xlo)
+        il = tl.sum(_dp4a(lo, tl.broadcast_to(xl, lo.shape), ASM), axis=3).to(tl.float32)  # [BN, SB, 4]
+        ih = tl.sum(_dp4a(hi, tl.broadcast_to(xh, hi.shape), ASM), axis=3).to(tl.float32)
+        d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         i3 = tl.arange(0, 4)[None, None, :]  # chunk, as [1, 1, 4]
-        s3 = tl.arange(0, SB)[None, :, None]
+        sclo, mlo = _scale_min_words(w1, w2, w3, 2 * i3)
+        schi, mhi = _scale_min_words(w1, w2, w3, 2 * i3 + 1)
+        g32 = sb * 8 + 8 * tl.arange(0, SB)[None, :, None] + 2 * i3  # [1, SB, 4]: the low sub-block's group
+        dl = tl.load(dxr + g32)
+        dh = tl.load(dxr + g32 + 1)
+        sl = tl.load(xsr + 2 * g32) + tl.load(xsr + 2 * g32 + 1)
+        shi = tl.load(xsr + 2 * g32 + 2) + tl.load(xsr + 2 * g32 + 3)
+        return d * (sclo * dl * il + schi * dh * ih) - dmin * (mlo * dl * sl + mhi * dh * shi)
+
+    @triton.jit
+    def _q4_k_q8_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s, stride_y,
+                        BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SB: tl.constexpr,
+                        ASM: tl.constexpr):
+        # As _q4_k_kernel, on 8-bit activations: BN rows of one pair, SB superblocks a step (_q4k_words,
+        # _q4k_dot); the 6-bit scales and mins are cut from the blocks' first words in registers
+        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
+                                                       stride_s, BN, ALIGN)
         acc = tl.zeros([BN, SB, 4], dtype=tl.float32)
         for sb in range(0, K // 256, SB):
-            blk = (row0 + sb * (4 * BW)).to(tl.pointer_type(tl.int32))
-            blkw = blk[:, None, None, None]  # [BN, 1, 1, 1]
-            q = tl.load(blkw + qword)  # [BN, SB, 4, 8]
-            lo = q & 0x0F0F0F0F
-            hi = (q >> 4) & 0x0F0F0F0F
-            if Q5:  # qh word j holds the 5th bits of chunk i's weights at bits 2i (low) and 2i + 1 (high)
-                qh = tl.load(blkw + (BW * sbi + 4 + j))  # [BN, SB, 1, 8]
-                lo |= ((qh >> (2 * i)) & 0x01010101) << 4
-                hi |= ((qh >> (2 * i + 1)) & 0x01010101) << 4
-            xl = tl.load(xw + sb * 64 + xlo)  # [1, SB, 4, 8]
-            xh = tl.load(xw + sb * 64 + 8 + xlo)
-            il = tl.sum(_dp4a(lo, tl.broadcast_to(xl, lo.shape), ASM), axis=3).to(tl.float32)  # [BN, SB, 4]
-            ih = tl.sum(_dp4a(hi, tl.broadcast_to(xh, hi.shape), ASM), axis=3).to(tl.float32)
-            hw = blk[:, None, None] + BW * s3  # [BN, SB, 1]: each superblock's first word
-            w0 = tl.load(hw)
-            w1 = tl.load(hw + 1)
-            w2 = tl.load(hw + 2)
-            w3 = tl.load(hw + 3)
-            d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            sclo, mlo = _scale_min_words(w1, w2, w3, 2 * i3)
-            schi, mhi = _scale_min_words(w1, w2, w3, 2 * i3 + 1)
-            g32 = sb * 8 + 8 * s3 + 2 * i3  # [1, SB, 4]: the low sub-block's activation group
-            dl = tl.load(dxr + g32)
-            dh = tl.load(dxr + g32 + 1)
-            sl = tl.load(xsr + 2 * g32) + tl.load(xsr + 2 * g32 + 1)
-            shi = tl.load(xsr + 2 * g32 + 2) + tl.load(xsr + 2 * g32 + 3)
-            acc += d * (sclo * dl * il + schi * dh * ih) - dmin * (mlo * dl * sl + mhi * dh * shi)
+            q, qh, w0, w1, w2, w3 = _q4k_words(row0, sb, SB, Q5)
+            acc += _q4k_dot(q, qh, w0, w1, w2, w3, xw, dxr, xsr, sb, SB, Q5, ASM)
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
@@ -341,13 +367,19 @@ def supports(qtype, device: torch.device) -> bool:
     return triton is not None and device.type == "cuda" and getattr(qtype, "name", str(qtype)) in _TYPES
 
 
+def q8_buffers(R: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Room for R rows of K values rounded to 8 bits (see quantize_q8): int8 [R, K], float32 [R, K/32] and
+    [R, K/16]; kernels that make such rows as they write them (models/_fused.py) fill these."""
+    f32 = torch.float32
+    return (torch.empty(R, K, dtype=torch.int8, device=device), torch.empty(R, K // 32, dtype=f32, device=device),
+            torch.empty(R, K // 16, dtype=f32, device=device))
+
+
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] (K a multiple of 32) rounded to 8 bits per 32 values: (int8 [R, K], float32 scales [R, K/32],
     float32 sums of the int8 values per 16 [R, K/16]); x ~= q * scale."""
     R, K = x.shape
-    xq = torch.empty(R, K, dtype=torch.int8, device=x.device)
-    dx = torch.empty(R, K // 32, dtype=torch.float32, device=x.device)
-    xs = torch.empty(R, K // 16, dtype=torch.float32, device=x.device)
+    xq, dx, xs = q8_buffers(R, K, x.device)
     bg = 8
     _quantize_q8_kernel[(R, triton.cdiv(K // 32, bg))](x, xq, dx, xs, K, x.stride(0), xq.stride(0), dx.stride(0),
                                                        xs.stride(0), BG=bg, num_warps=1)
@@ -355,7 +387,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
-               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True,
+               aligned: bool = True, tune: tuple | None = None, q8: bool = True,
                x8: tuple | None = None) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).

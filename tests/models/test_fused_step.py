@@ -95,3 +95,46 @@ def test_silu_mul():
     _K().silu_mul(gu, out)
     assert torch.allclose(out.float(), (torch.nn.functional.silu(gu[:8]) * gu[8:]).bfloat16().float(), rtol=1e-2,
                           atol=1e-2)
+
+
+def _q8():
+    from flashmoe_stream.quant import _triton
+
+    return _triton
+
+
+def _assert_same_q8(x8, want):
+    """x8 as the fusing kernel filled it equals quantize_q8 of the tensor it wrote."""
+    for got, w in zip(x8, want):
+        assert torch.equal(got.view_as(w), w)
+
+
+def test_kernels_that_write_an_input_also_round_it_to_8_bits():
+    g = torch.Generator(device=DEV).manual_seed(5)
+    T, E = _q8(), 4096
+    x, nw = torch.randn(E, device=DEV, generator=g), torch.rand(E, device=DEV, generator=g)
+    h = torch.empty(E, dtype=torch.bfloat16, device=DEV)
+    x8 = T.q8_buffers(1, E, DEV)
+    _K().add_norm(x, torch.randn(2, E, device=DEV, generator=g), None, nw, 1e-6, h, x8=x8)
+    _assert_same_q8(x8, T.quantize_q8(h.view(1, -1)))
+    assert x8[0].abs().max() == 127  # a rounding that happened: each group's largest value maps to 127
+    H, HKV, D = 8, 2, 128
+    q = torch.randn(H * D, device=DEV, generator=g)
+    kc = torch.randn(16, HKV, D, device=DEV, generator=g).bfloat16()
+    vc = torch.randn(16, HKV, D, device=DEV, generator=g).bfloat16()
+    out, a8 = torch.empty(H * D, dtype=torch.bfloat16, device=DEV), T.q8_buffers(1, H * D, DEV)
+    _K().attend(q, kc, vc, torch.tensor([9], device=DEV), out, x8=a8)
+    _assert_same_q8(a8, T.quantize_q8(out.view(1, -1)))
+    gu = torch.randn(8, 1536, device=DEV, generator=g)  # F not a multiple of the kernel's 1024
+    act, s8 = torch.empty(4, 1536, dtype=torch.bfloat16, device=DEV), T.q8_buffers(4, 1536, DEV)
+    _K().silu_mul(gu, act, x8=s8)
+    _assert_same_q8(s8, T.quantize_q8(act))
+
+
+def test_router_logits_is_the_router_gemv():
+    g = torch.Generator(device=DEV).manual_seed(6)
+    for NE, E in ((128, 4096), (60, 2048), (8, 5000)):
+        h, w = torch.randn(E, device=DEV, generator=g), torch.randn(NE, E, device=DEV, generator=g)
+        out = torch.empty(NE, device=DEV)
+        assert _K().router_logits(h, w, out) is out
+        assert torch.allclose(out, (w.double() @ h.double()).float(), rtol=1e-5, atol=1e-4)
