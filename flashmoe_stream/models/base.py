@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import BudgetError
+from ..quant import NATIVE_ROWS, small_ops_on_one_thread
 
 # on_route(layer, expert ids [T, k], router weights [T, k]) — rows of all sequences, in order
 OnRoute = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -65,6 +66,12 @@ class StreamingDecoder:
             if kv.length + tokens.shape[0] > kv.n_ctx:
                 raise BudgetError(f"context full: {kv.length} + {tokens.shape[0]} tokens > n_ctx {kv.n_ctx} (raise -c)")
         sizes = [int(t.shape[0]) for t, _ in segments]
+        if self.device.type == "cpu" and sum(sizes) <= NATIVE_ROWS:  # the native kernels do the matmuls
+            with small_ops_on_one_thread():
+                return self._layers(segments, sizes, on_route)
+        return self._layers(segments, sizes, on_route)
+
+    def _layers(self, segments, sizes: list[int], on_route: OnRoute | None) -> list[torch.Tensor]:
         pos = [torch.arange(kv.length, kv.length + n, device=self.device) for n, (_, kv) in zip(sizes, segments)]
         x = self.embed(torch.cat([t.reshape(-1) for t, _ in segments]).to(self.device))
         n_layer = self.cfg.n_layer

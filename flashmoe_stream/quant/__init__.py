@@ -167,7 +167,8 @@ from ._triton import supports as fused_supported  # noqa: E402
 
 NATIVE_ROWS = _cpu.MAX_ROWS  # rows of x up to which qmatmul/qbmm use the native CPU kernels
 native_supported = _cpu.supported  # whether the native CPU kernels take a type (and are built)
+small_ops_on_one_thread = _cpu.small_ops_on_one_thread  # torch on one thread, the native kernels on torch's
 
 
 __all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_q8_buffers", "fused_quantize_q8", "fused_supported",
-            "native_supported"]
+            "native_supported", "small_ops_on_one_thread"]

@@ -10,6 +10,7 @@ the caller then dequantises and multiplies in torch, which gives the same functi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -31,6 +32,34 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64
 
 _LIB: dict = {}  # "lib" → the loaded library, or None where it is unavailable (a memo)
+_threads: list = []  # the native calls' thread count while torch's ops run on one (small_ops_on_one_thread)
+
+
+@contextlib.contextmanager
+def small_ops_on_one_thread():
+    """Within: torch's own ops run on one thread, the native kernels keep the threads torch had.
+
+    A decode step's torch ops (norms, RoPE, attention over one row, routing, the experts' index_add) take
+    microseconds, and after each one torch's OpenMP workers spin, waiting for the next, on the cores the
+    native kernels' threads need: on a 2-core machine that made every native call of a decode step about
+    twice as slow as the same call alone (tools/cpu_decode_profile.py; docs/BENCHMARKS.md). Process-wide,
+    as torch's thread count is; nests."""
+    n = torch.get_num_threads()
+    _threads.append(_threads[-1] if _threads else n)
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _threads.pop()
+        if n != 1:
+            torch.set_num_threads(n)
+
+
+def _n_threads(n_threads: int | None) -> int:
+    if n_threads is not None:
+        return int(n_threads)
+    return _threads[-1] if _threads else torch.get_num_threads()
 
 
 def _load():
@@ -149,7 +178,7 @@ def qbmm_cpu(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype, shape: Sequen
         x = x.contiguous()
     xs_mat = x.stride(0) if n > 1 else 0
     xs_row = x.stride(1) if R > 1 else K
-    threads = torch.get_num_threads() if n_threads is None else int(n_threads)
+    threads = _n_threads(n_threads)
     rc = lib.qdot_mm(code, 1 if round_acts else 0, x.data_ptr(), xs_mat, xs_row, ptrs, n, R, N, K,
                      out.data_ptr(), threads)
     if rc == -2:
@@ -180,7 +209,7 @@ def dequantize_cpu(raw: torch.Tensor, qtype, n_elements: int, n_threads: int | N
         raise ValueError(f"{qtype.name} needs a multiple of {per_block} elements, got {n_elements}")
     raw = _check_raw(raw, qtype, n_elements // per_block * block_bytes)
     out = torch.empty(n_elements, dtype=torch.float32)
-    threads = torch.get_num_threads() if n_threads is None else int(n_threads)
+    threads = _n_threads(n_threads)
     if lib.qdot_dequant(int(qtype), raw.data_ptr(), n_elements // per_block, out.data_ptr(), threads) != 0:
         return None
     return out

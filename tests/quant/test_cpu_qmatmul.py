@@ -220,3 +220,48 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype, round_acts):
     full = quant.qbmm(x, raws, qtype, shape, round_acts=round_acts)
     alone = torch.cat([quant.qbmm(x[:, i: i + 1], raws, qtype, shape, round_acts=round_acts) for i in range(5)], 1)
     assert torch.equal(full, alone)
+
+
+def test_small_ops_on_one_thread_keeps_the_native_threads():
+    """Within the context torch runs on one thread and the native calls get the count torch had; it nests,
+    and torch's count comes back on leaving, also by an exception."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with quant.small_ops_on_one_thread():
+            assert torch.get_num_threads() == 1
+            assert _cpu._n_threads(None) == 3 and _cpu._n_threads(5) == 5
+            with quant.small_ops_on_one_thread():
+                assert torch.get_num_threads() == 1 and _cpu._n_threads(None) == 3
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3 and _cpu._n_threads(None) == 3
+        with pytest.raises(RuntimeError):
+            with quant.small_ops_on_one_thread():
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cpu_decode_step_runs_torch_on_one_thread(monkeypatch):
+    """The layer loop on the CPU, for a step of few rows, runs inside small_ops_on_one_thread; a long
+    prompt (dequantise + torch GEMMs) keeps torch's threads."""
+    from flashmoe_stream.models import base
+
+    seen = []
+    monkeypatch.setattr(base.StreamingDecoder, "_layers",
+                        lambda self, segments, sizes, on_route: seen.append(torch.get_num_threads()) or [])
+    m = base.StreamingDecoder()
+    m.device = torch.device("cpu")
+
+    class KV:
+        length, n_ctx = 0, 1000
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m.forward_batch([(torch.zeros(1, dtype=torch.long), KV())])
+        m.forward_batch([(torch.zeros(quant.NATIVE_ROWS + 1, dtype=torch.long), KV())])
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
