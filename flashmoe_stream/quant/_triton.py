@@ -387,7 +387,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
-               aligned: bool = True, tune: tuple | None = None, q8: bool = True,
+               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True,
                x8: tuple | None = None) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).
