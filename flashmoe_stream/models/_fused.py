@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant._triton import _q8_groups
+from ..quant import fused_q8_groups as _q8_groups
 
 
 @triton.jit

@@ -69,12 +69,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float, neox: bool) -> torch.Tensor:
-    """x: [T, H, D] at positions pos [T]. NEOX rotates (i, i + D/2) pairs, normal RoPE (2i, 2i + 1)."""
-    cos, sin = rope_angles(pos, x.shape[-1], theta)
-    return rotate(x, cos, sin, neox)
-
-
 def rope_angles(pos: torch.Tensor, D: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of RoPE's angles at positions pos [T]: [T, 1, D/2] float32 each (computed in float64)."""
     inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=pos.device) / D)
@@ -83,7 +77,8 @@ def rope_angles(pos: torch.Tensor, D: int, theta: float) -> tuple[torch.Tensor, 
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
-    """RoPE's rotation of x [T, H, D] by the angles of rope_angles."""
+    """RoPE's rotation of x [T, H, D] by the angles of rope_angles: NEOX rotates (i, i + D/2) pairs, normal
+    RoPE (2i, 2i + 1)."""
     D = x.shape[-1]
     xf = x.float()
     if neox:
@@ -131,7 +126,8 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     v = mm(h, w.v, w.acts[2]).view(T, n_head_kv, head_dim)
     if w.q_norm is not None:
         q, k = rms_norm(q, w.q_norm, eps).to(v.dtype), rms_norm(k, w.k_norm, eps).to(v.dtype)
-    q, k = rope(q, pos, theta, neox), rope(k, pos, theta, neox)
+    cos, sin = rope_angles(pos, head_dim, theta)  # q's and k's
+    q, k = rotate(q, cos, sin, neox), rotate(k, cos, sin, neox)
     start = kv.length
     kv.k[layer, start: start + T] = k
     kv.v[layer, start: start + T] = v

@@ -160,15 +160,20 @@ def qbmm(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype: GGMLQuantizationT
 
 
 # fused dequantise-multiply (GPUs) and the weight type that uses it; imported last: they use the above
+from . import _triton  # noqa: E402
 from ._qtensor import QTensor  # noqa: E402
 from ._triton import gemv_pairs as fused_gemv_pairs, q8_buffers as fused_q8_buffers  # noqa: E402
 from ._triton import quantize_q8 as fused_quantize_q8  # noqa: E402
 from ._triton import supports as fused_supported  # noqa: E402
+
+# a Triton helper for GPU kernels that write a GEMV's input: a row's groups of 32 rounded to 8 bits as
+# fused_quantize_q8 rounds them (models/_fused.py); None without Triton
+fused_q8_groups = getattr(_triton, "q8_groups", None)
 
 NATIVE_ROWS = _cpu.MAX_ROWS  # rows of x up to which qmatmul/qbmm use the native CPU kernels
 native_supported = _cpu.supported  # whether the native CPU kernels take a type (and are built)
 small_ops_on_one_thread = _cpu.small_ops_on_one_thread  # torch on one thread, the native kernels on torch's
 
 
-__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_q8_buffers", "fused_quantize_q8", "fused_supported",
-            "native_supported", "small_ops_on_one_thread"]
+__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_q8_buffers", "fused_q8_groups", "fused_quantize_q8",
+            "fused_supported", "native_supported", "small_ops_on_one_thread"]

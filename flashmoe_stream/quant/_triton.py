@@ -145,7 +145,7 @@ if triton is not None:
             return s + (a >> 24) * (b >> 24)
 
     @triton.jit
-    def _q8_groups(v, g, gm, xq, dx, xs):
+    def q8_groups(v, g, gm, xq, dx, xs):
         """Groups g [BG] of 32 values of one row (v [BG, 2, 16] float32; mask gm) rounded to 8 bits, as
         quantize_q8 stores them: int8 q = round(v * 127 / amax) (half away from zero) at xq + 32g + ..,
         the scale amax / 127 at dx + g, the integer sums of q per 16 at xs + 2g + (0, 1)."""
@@ -164,13 +164,13 @@ if triton is not None:
 
     @triton.jit
     def _quantize_q8_kernel(x, xq, dx, xs, K, stride_x, stride_q, stride_d, stride_s, BG: tl.constexpr):
-        # BG groups of 32 values of one row, see _q8_groups
+        # BG groups of 32 values of one row, see q8_groups
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * BG + tl.arange(0, BG)
         gm = g < K // 32
         at = (32 * g)[:, None, None] + (16 * tl.arange(0, 2))[None, :, None] + tl.arange(0, 16)[None, None, :]
         v = tl.load(x + r * stride_x + at, mask=gm[:, None, None], other=0.0).to(tl.float32)
-        _q8_groups(v, g, gm, xq + r * stride_q, dx + r * stride_d, xs + r * stride_s)
+        q8_groups(v, g, gm, xq + r * stride_q, dx + r * stride_d, xs + r * stride_s)
 
     @triton.jit
     def _q4k_words(row0, sb, SB: tl.constexpr, Q5: tl.constexpr):
