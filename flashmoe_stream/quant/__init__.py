@@ -139,7 +139,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, sha
                  for i in range(0, rows.shape[0], _cpu.MAX_ROWS)]
         if parts and all(p is not None for p in parts):
             return torch.cat(parts).reshape(*x.shape[:-1], parts[0].shape[-1])
-    return _rounded(x, qtype, round_acts) @ dequantize(raw, qtype, shape).T
+    with _cpu.all_threads():  # a decode step's torch ops run on one thread; this one is large
+        return _rounded(x, qtype, round_acts) @ dequantize(raw, qtype, shape).T
 
 
 def qbmm(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype: GGMLQuantizationType, shape: Sequence[int],
@@ -155,8 +156,9 @@ def qbmm(x: torch.Tensor, raws: Sequence[torch.Tensor], qtype: GGMLQuantizationT
         if out is not None:
             return out
     raw = raws[0] if len(raws) == 1 else torch.cat(list(raws))
-    w = dequantize(raw, qtype, (len(raws), *shape))
-    return torch.bmm(_rounded(x, qtype, round_acts), w.transpose(1, 2))
+    with _cpu.all_threads():
+        w = dequantize(raw, qtype, (len(raws), *shape))
+        return torch.bmm(_rounded(x, qtype, round_acts), w.transpose(1, 2))
 
 
 # fused dequantise-multiply (GPUs) and the weight type that uses it; imported last: they use the above

@@ -56,6 +56,21 @@ def small_ops_on_one_thread():
             torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def all_threads():
+    """Within small_ops_on_one_thread: torch's own thread count back, for one large torch op (a weight the
+    native kernels do not take, dequantised and multiplied in torch). Elsewhere it does nothing."""
+    n = _threads[-1] if _threads else None
+    if n is None or torch.get_num_threads() == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
 def _n_threads(n_threads: int | None) -> int:
     if n_threads is not None:
         return int(n_threads)

@@ -16,6 +16,8 @@ from flashmoe_stream import quant
 from flashmoe_stream.quant._acts import round_q8_0 as _round_q8_0, round_q8_k as _round_q8_k
 from flashmoe_stream.quant import _cpu
 
+from .test_dequant import random_bytes
+
 NO_NATIVE = os.environ.get("FLASHMOE_NO_NATIVE", "0") == "1"
 needs_native = pytest.mark.skipif(NO_NATIVE, reason="FLASHMOE_NO_NATIVE=1")
 
@@ -263,5 +265,31 @@ def test_a_cpu_decode_step_runs_torch_on_one_thread(monkeypatch):
         m.forward_batch([(torch.zeros(1, dtype=torch.long), KV())])
         m.forward_batch([(torch.zeros(quant.NATIVE_ROWS + 1, dtype=torch.long), KV())])
         assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_weight_the_native_kernels_do_not_take_gets_torchs_threads_back(monkeypatch, batched):
+    """In a decode step (torch on one thread) a weight served by dequantise + torch matmul runs with the
+    threads torch had; the step's other ops stay on one."""
+    seen = []
+    real = quant.dequantize
+    monkeypatch.setattr(quant, "dequantize", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    monkeypatch.setattr(_cpu, "qmatmul_cpu", lambda *a, **k: None)  # as for a type without a native kernel
+    monkeypatch.setattr(_cpu, "qbmm_cpu", lambda *a, **k: None)
+    qtype, shape = Q.Q8_0, (8, 64)
+    raw = torch.from_numpy(random_bytes(qtype, shape, 1))
+    want = quant.qmatmul(torch.ones(1, 64), raw, qtype, shape)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with quant.small_ops_on_one_thread():
+            if batched:
+                got = quant.qbmm(torch.ones(1, 1, 64), [raw], qtype, shape)[0]
+            else:
+                got = quant.qmatmul(torch.ones(1, 64), raw, qtype, shape)
+            assert torch.get_num_threads() == 1
+        assert seen[-1] == 2 and torch.equal(got, want)
     finally:
         torch.set_num_threads(before)
