@@ -43,7 +43,7 @@ def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, int
             return (32, 4, 2) if P >= 8 else (8, 4, 2)
         return (1, 1, 8) if N * P <= 1024 else ((2, 1, 4) if K <= 4096 else (2, 1, 8))
     if name == "Q6_K":
-        if q8:  # the head (N 151936) and the experts' down (8 pairs): 4 rows, one superblock a step
+        if q8:  # small weights (v: 512 rows) 1 row, 8 superblocks; the head and the experts' down 4 rows, 1
             return (1, 1, 8) if N * P <= 1024 and sbs % 8 == 0 else (4, 1, 1)
         return (16, 8, 1) if N >= 32768 else ((4, 1, 1) if P >= 8 else (8, 2, 1))
     return 16, 2, 1
@@ -173,68 +173,55 @@ if triton is not None:
         q8_groups(v, g, gm, xq + r * stride_q, dx + r * stride_d, xs + r * stride_s)
 
     @triton.jit
-    def _q4k_words(row0, sb, SB: tl.constexpr, Q5: tl.constexpr):
-        """Q4_K/Q5_K weight words of superblocks sb..sb + SB - 1 of the rows at byte pointers row0 [BN]: the
-        nibbles [BN, SB, 4, 8] (word j of chunk i holds weights 64i + 4j.. low and 64i + 32 + 4j.. high), the
-        5th bits (Q5_K, [BN, SB, 1, 8]; else the nibbles again) and each block's first four words [BN, SB, 1]
-        (d | dmin, then the 12 bytes of 6-bit scales and mins)."""
+    def _q4_k_q8_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s, stride_y,
+                        BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SB: tl.constexpr,
+                        ASM: tl.constexpr):
+        # As _q4_k_kernel, on 8-bit activations, over [rows BN, superblocks SB, chunks 4, words 8]: word j of
+        # chunk i holds the nibbles of weights 64i + 4j.. (low) and 64i + 32 + 4j.. (high), so it meets
+        # activation words 16i + j and 16i + 8 + j; the two dp4a sums are scaled per sub-block (2i, 2i + 1).
+        # A block's first 16 bytes are read as four words (d | dmin, then the 12 scale bytes), and the
+        # 6-bit scales and mins are cut from them in registers.
+        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
+                                                       stride_s, BN, ALIGN)
         BW: tl.constexpr = 44 if Q5 else 36  # block words
         QW: tl.constexpr = 12 if Q5 else 4  # where the nibbles start
         sbi = tl.arange(0, SB)[None, :, None, None]
         i = tl.arange(0, 4)[None, None, :, None]
         j = tl.arange(0, 8)[None, None, None, :]
-        blk = (row0 + sb * (4 * BW)).to(tl.pointer_type(tl.int32))
-        blkw = blk[:, None, None, None]  # [BN, 1, 1, 1]
-        q = tl.load(blkw + (BW * sbi + QW + 8 * i + j))
-        if Q5:
-            qh = tl.load(blkw + (BW * sbi + 4 + j))
-        else:
-            qh = q
-        hw = blk[:, None, None] + BW * tl.arange(0, SB)[None, :, None]  # [BN, SB, 1]: each block's first word
-        return q, qh, tl.load(hw), tl.load(hw + 1), tl.load(hw + 2), tl.load(hw + 3)
-
-    @triton.jit
-    def _q4k_dot(q, qh, w0, w1, w2, w3, xw, dxr, xsr, sb, SB: tl.constexpr, Q5: tl.constexpr, ASM: tl.constexpr):
-        """[BN, SB, 4]: the dot products of _q4k_words' chunks with the 8-bit activations (the row's int32
-        words xw, scales dxr and sums per 16 xsr) of superblocks sb..: chunk i's word j meets activation
-        words 16i + j and 16i + 8 + j; the two dp4a sums are scaled per sub-block (2i, 2i + 1)."""
-        sbi = tl.arange(0, SB)[None, :, None, None]
-        i = tl.arange(0, 4)[None, None, :, None]
-        j = tl.arange(0, 8)[None, None, None, :]
-        lo = q & 0x0F0F0F0F
-        hi = (q >> 4) & 0x0F0F0F0F
-        if Q5:  # qh word j holds the 5th bits of chunk i's weights at bits 2i (low) and 2i + 1 (high)
-            lo |= ((qh >> (2 * i)) & 0x01010101) << 4
-            hi |= ((qh >> (2 * i + 1)) & 0x01010101) << 4
-        xlo = sb * 64 + 64 * sbi + 16 * i + j  # [1, SB, 4, 8]
-        xl = tl.load(xw + xlo)
-        xh = tl.load(xw + 8 + xlo)
-        il = tl.sum(_dp4a(lo, tl.broadcast_to(xl, lo.shape), ASM), axis=3).to(tl.float32)  # [BN, SB, 4]
-        ih = tl.sum(_dp4a(hi, tl.broadcast_to(xh, hi.shape), ASM), axis=3).to(tl.float32)
-        d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        qword = BW * sbi + QW + 8 * i + j  # [1, SB, 4, 8]
+        xlo = 64 * sbi + 16 * i + j
         i3 = tl.arange(0, 4)[None, None, :]  # chunk, as [1, 1, 4]
-        sclo, mlo = _scale_min_words(w1, w2, w3, 2 * i3)
-        schi, mhi = _scale_min_words(w1, w2, w3, 2 * i3 + 1)
-        g32 = sb * 8 + 8 * tl.arange(0, SB)[None, :, None] + 2 * i3  # [1, SB, 4]: the low sub-block's group
-        dl = tl.load(dxr + g32)
-        dh = tl.load(dxr + g32 + 1)
-        sl = tl.load(xsr + 2 * g32) + tl.load(xsr + 2 * g32 + 1)
-        shi = tl.load(xsr + 2 * g32 + 2) + tl.load(xsr + 2 * g32 + 3)
-        return d * (sclo * dl * il + schi * dh * ih) - dmin * (mlo * dl * sl + mhi * dh * shi)
-
-    @triton.jit
-    def _q4_k_q8_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s, stride_y,
-                        BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SB: tl.constexpr,
-                        ASM: tl.constexpr):
-        # As _q4_k_kernel, on 8-bit activations: BN rows of one pair, SB superblocks a step (_q4k_words,
-        # _q4k_dot); the 6-bit scales and mins are cut from the blocks' first words in registers
-        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
-                                                       stride_s, BN, ALIGN)
+        s3 = tl.arange(0, SB)[None, :, None]
         acc = tl.zeros([BN, SB, 4], dtype=tl.float32)
         for sb in range(0, K // 256, SB):
-            q, qh, w0, w1, w2, w3 = _q4k_words(row0, sb, SB, Q5)
-            acc += _q4k_dot(q, qh, w0, w1, w2, w3, xw, dxr, xsr, sb, SB, Q5, ASM)
+            blk = (row0 + sb * (4 * BW)).to(tl.pointer_type(tl.int32))
+            blkw = blk[:, None, None, None]  # [BN, 1, 1, 1]
+            q = tl.load(blkw + qword)  # [BN, SB, 4, 8]
+            lo = q & 0x0F0F0F0F
+            hi = (q >> 4) & 0x0F0F0F0F
+            if Q5:  # qh word j holds the 5th bits of chunk i's weights at bits 2i (low) and 2i + 1 (high)
+                qh = tl.load(blkw + (BW * sbi + 4 + j))  # [BN, SB, 1, 8]
+                lo |= ((qh >> (2 * i)) & 0x01010101) << 4
+                hi |= ((qh >> (2 * i + 1)) & 0x01010101) << 4
+            xl = tl.load(xw + sb * 64 + xlo)  # [1, SB, 4, 8]
+            xh = tl.load(xw + sb * 64 + 8 + xlo)
+            il = tl.sum(_dp4a(lo, tl.broadcast_to(xl, lo.shape), ASM), axis=3).to(tl.float32)  # [BN, SB, 4]
+            ih = tl.sum(_dp4a(hi, tl.broadcast_to(xh, hi.shape), ASM), axis=3).to(tl.float32)
+            hw = blk[:, None, None] + BW * s3  # [BN, SB, 1]: each superblock's first word
+            w0 = tl.load(hw)
+            w1 = tl.load(hw + 1)
+            w2 = tl.load(hw + 2)
+            w3 = tl.load(hw + 3)
+            d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            sclo, mlo = _scale_min_words(w1, w2, w3, 2 * i3)
+            schi, mhi = _scale_min_words(w1, w2, w3, 2 * i3 + 1)
+            g32 = sb * 8 + 8 * s3 + 2 * i3  # [1, SB, 4]: the low sub-block's activation group
+            dl = tl.load(dxr + g32)
+            dh = tl.load(dxr + g32 + 1)
+            sl = tl.load(xsr + 2 * g32) + tl.load(xsr + 2 * g32 + 1)
+            shi = tl.load(xsr + 2 * g32 + 2) + tl.load(xsr + 2 * g32 + 3)
+            acc += d * (sclo * dl * il + schi * dh * ih) - dmin * (mlo * dl * sl + mhi * dh * shi)
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
