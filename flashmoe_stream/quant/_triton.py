@@ -30,20 +30,27 @@ except ImportError:  # CPU-only torch builds ship no Triton
     triton = None
 
 
-def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, int, int]:
-    """(rows per program, warps, K-quant superblocks per step): the fastest of sweeps on an H200 for the
-    Qwen3-235B shapes, timed inside CUDA graphs (tools/gpu_gemv_sweep.py; docs/BENCHMARKS.md). On 8-bit
-    activations, few rows a program over many superblocks a step: more reads in flight per thread, and
-    small weights (k, v: 512 rows) spread over many programs instead of looping 16 times in a few."""
+def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, ...]:
+    """(rows per program, warps, K-quant superblocks per step[, lanes]): the fastest of sweeps
+    on an H200 for the Qwen3-235B shapes, timed inside CUDA graphs (tools/gpu_gemv_sweep.py;
+    docs/BENCHMARKS.md). On 8-bit activations, few rows a program over many superblocks a step: more reads
+    in flight per thread, and small weights (k, v: 512 rows) spread over many programs instead of looping
+    16 times in a few. A 4th number picks the kernels that give each thread one superblock (``lanes``
+    superblocks of a row at once): they win on the head (Q6_K, 13 %), the experts' down (Q4_K, K 1536: 11 %)
+    and o (K 8192: 2 %)."""
     sbs = K // 256
     if name in ("Q4_K", "Q5_K"):
         if not q8:  # float activations (weights not 16-byte aligned)
             return (8, 2, 2) if P >= 8 else (8, 4, 4)
         if sbs % 8:  # K 1536 (the experts' down): 8 superblocks a step do not divide a row
-            return (32, 4, 2) if P >= 8 else (8, 4, 2)
-        return (1, 1, 8) if N * P <= 1024 else ((2, 1, 4) if K <= 4096 else (2, 1, 8))
+            return (16, 1, 1, 2) if sbs % 2 == 0 else ((32, 4, 2) if P >= 8 else (8, 4, 2))
+        if N * P <= 1024:
+            return 1, 1, 8
+        return (2, 1, 4) if K <= 4096 else (8, 4, 1, 16)
     if name == "Q6_K":
-        if q8:  # small weights (v: 512 rows) 1 row, 8 superblocks; the head and the experts' down 4 rows, 1
+        if q8:  # small weights (v: 512 rows) 1 row, 8 superblocks; the experts' down 4 rows, 1; the head lanes
+            if N >= 32768:
+                return 8, 4, 1, 16
             return (1, 1, 8) if N * P <= 1024 and sbs % 8 == 0 else (4, 1, 1)
         return (16, 8, 1) if N >= 32768 else ((4, 1, 1) if P >= 8 else (8, 2, 1))
     return 16, 2, 1
@@ -226,6 +233,111 @@ if triton is not None:
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
     @triton.jit
+    def _dp4a_acc(a, b, c, UA: tl.constexpr, ASM: tl.constexpr):
+        """Per int32 lane: c + the sum of the products of a's four bytes (unsigned if UA, else signed) and
+        b's four signed bytes."""
+        if ASM:
+            if UA:
+                return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            for k in tl.static_range(4):
+                bk = (b << (24 - 8 * k)) >> 24
+                if UA:
+                    c += ((a >> (8 * k)) & 0xFF) * bk
+                else:
+                    c += ((a << (24 - 8 * k)) >> 24) * bk
+            return c
+
+    @triton.jit
+    def _scale_min_const(w1, w2, w3, s: tl.constexpr):
+        """As _scale_min_words, for a sub-block s known when compiling: integer (scale, min)."""
+        b: tl.constexpr = 8 * (s % 4)
+        if s < 4:
+            return (w1 >> b) & 63, (w2 >> b) & 63
+        A = w1 >> b
+        B = w2 >> b
+        C = w3 >> b
+        return (C & 15) | ((A >> 2) & 48), ((C >> 4) & 15) | ((B >> 2) & 48)
+
+    @triton.jit
+    def _q4k_chunk(blk3, w1, w2, w3, i: tl.constexpr, xa, xa2, xh, xh2, dl, dh, sl_x, sh_x, accd, accm,
+                   Q5: tl.constexpr, ASM: tl.constexpr):
+        """One row's chunk i (sub-blocks 2i, 2i + 1) of its superblock, for _q4_k_q8_lanes_kernel: adds to the
+        scale and min sums."""
+        QW: tl.constexpr = 12 if Q5 else 4  # where the nibbles start
+        zero = tl.zeros(blk3.shape, dtype=tl.int32)
+        qa = tl.load(blk3 + (QW + 8 * i))  # [BN, SL, 4]: words 8i..8i+3, then 8i+4..
+        qb = tl.load(blk3 + (QW + 8 * i + 4))
+        if Q5:  # qh word j: the 5th bits of chunk i's words j at bit 2i (low) and 2i + 1 (high)
+            ha = tl.load(blk3 + 4)
+            hb = tl.load(blk3 + 8)
+            la = (qa & 0x0F0F0F0F) | (((ha >> (2 * i)) & 0x01010101) << 4)
+            lb = (qb & 0x0F0F0F0F) | (((hb >> (2 * i)) & 0x01010101) << 4)
+            ua = ((qa >> 4) & 0x0F0F0F0F) | (((ha >> (2 * i + 1)) & 0x01010101) << 4)
+            ub = ((qb >> 4) & 0x0F0F0F0F) | (((hb >> (2 * i + 1)) & 0x01010101) << 4)
+            il = tl.sum(_dp4a_acc(lb, xa2, _dp4a_acc(la, xa, zero, False, ASM), False, ASM), axis=2)
+            ih = tl.sum(_dp4a_acc(ub, xh2, _dp4a_acc(ua, xh, zero, False, ASM), False, ASM), axis=2) * 16
+        else:
+            il = tl.sum(_dp4a_acc(qb & 0x0F0F0F0F, xa2, _dp4a_acc(qa & 0x0F0F0F0F, xa, zero, False, ASM),
+                                  False, ASM), axis=2)
+            ih = tl.sum(_dp4a_acc(qb & -252645136, xh2, _dp4a_acc(qa & -252645136, xh, zero, True, ASM),
+                                  True, ASM), axis=2)  # -252645136: 0xF0F0F0F0 as int32; 16x the sum
+        scl, ml = _scale_min_const(w1, w2, w3, 2 * i)
+        sch, mh = _scale_min_const(w1, w2, w3, 2 * i + 1)
+        accd += dl * (scl * il).to(tl.float32) + (dh * 0.0625) * (sch * ih).to(tl.float32)
+        accm += sl_x * ml.to(tl.float32) + sh_x * mh.to(tl.float32)
+        return accd, accm
+
+    @triton.jit
+    def _q4_k_q8_lanes_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s,
+                              stride_y, BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SL: tl.constexpr,
+                              ASM: tl.constexpr):
+        # As _q4_k_q8_kernel, one superblock a thread: over [rows BN, superblocks SL], each thread reads its
+        # block in 16-byte pieces, cuts its scales once and sums its 256 products in registers, so nothing is
+        # shuffled between threads until the row's last sum. Chunk i (32 bytes, words 8i..8i+7) holds the
+        # nibbles of sub-blocks 2i (low) and 2i + 1 (high); the high nibbles are multiplied in place
+        # (q & 0xF0 = 16 q, unsigned) and the 16 divided out of the float sum.
+        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
+                                                       stride_s, BN, ALIGN)
+        BW: tl.constexpr = 44 if Q5 else 36  # block words
+        s = tl.arange(0, SL)[None, :]  # [1, SL]
+        v4 = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+        zrow = tl.zeros([BN, 1], dtype=tl.int32)
+        acc = tl.zeros([BN, SL], dtype=tl.float32)
+        for sb0 in range(0, K // 256, SL):
+            sbk = sb0 + s  # [1, SL]
+            blk = (row0[:, None] + sbk * (4 * BW)).to(tl.pointer_type(tl.int32))  # [BN, SL]
+            w1 = tl.load(blk + 1)
+            w2 = tl.load(blk + 2)
+            w3 = tl.load(blk + 3)
+            # loads of what all rows share are made in the rows' shape ([BN, SL, 4], [BN, SL]), so they land in
+            # the weights' layout (one thread's copies in its registers) instead of being shuffled there
+            xb = xw + (zrow + sbk * 64)[:, :, None] + v4  # the superblock's first activation words
+            g0 = zrow + sbk * 8  # [BN, SL]: its first 32-value activation group
+            accd = tl.zeros([BN, SL], dtype=tl.float32)
+            accm = tl.zeros([BN, SL], dtype=tl.float32)
+            for i in tl.static_range(4):
+                xa = tl.load(xb + 16 * i)
+                xa2 = tl.load(xb + 16 * i + 4)
+                xh = tl.load(xb + 16 * i + 8)
+                xh2 = tl.load(xb + 16 * i + 12)
+                g = g0 + 2 * i  # the low sub-block's activation group
+                dl = tl.load(dxr + g)
+                dh = tl.load(dxr + g + 1)
+                sl_x = dl * (tl.load(xsr + 2 * g) + tl.load(xsr + 2 * g + 1))
+                sh_x = dh * (tl.load(xsr + 2 * g + 2) + tl.load(xsr + 2 * g + 3))
+                accd, accm = _q4k_chunk(blk[:, :, None] + v4, w1, w2, w3, i, xa, xa2, xh, xh2, dl, dh, sl_x, sh_x,
+                                        accd, accm, Q5, ASM)
+            w0 = tl.load(blk)
+            d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            acc += d * accd - dmin * accm
+        tl.store(y + p.to(tl.int64) * stride_y + rows, tl.sum(acc, axis=1), mask=rmask)
+
+    @triton.jit
     def _scale_min_words(w1, w2, w3, s):
         """Q4_K/Q5_K: the 6-bit scale and min of sub-block s from the scale bytes as words (bytes 0-3, 4-7,
         8-11): below 4, bytes s and s + 4; from 4, byte s + 4's nibbles with the top bits of bytes s - 4, s."""
@@ -323,6 +435,98 @@ if triton is not None:
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
     @triton.jit
+    def _prmt(a, b, sel, ASM: tl.constexpr):
+        """Per int32 lane: the word of bytes picked from (b:a) by sel: 0x3210 gives a, 0x5432 the word two
+        bytes on (a's high half, then b's low half)."""
+        if ASM:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.where(sel == 0x3210, a, ((a >> 16) & 0xFFFF) | (b << 16))
+
+    @triton.jit
+    def _word6(wp, sel, odd, k: tl.constexpr, ASM: tl.constexpr):
+        """Word k (0..51) of the Q6_K blocks that start at or two bytes past the aligned words wp."""
+        if k < 51:
+            nxt = tl.load(wp + k + 1)
+        else:  # the word after the block's last: read only where the block starts mid-word
+            nxt = tl.load(wp + k + 1, mask=odd, other=0)
+        return _prmt(tl.load(wp + k), nxt, sel, ASM)
+
+    @triton.jit
+    def _q6_dot4(wp, sel, odd, xb, h: tl.constexpr, k: tl.constexpr, j0: tl.constexpr, ASM: tl.constexpr):
+        """The integer dot of 16 six-bit weights (half h, quarter k, words j0..j0 + 3) with their activations."""
+        t = tl.zeros(odd.shape, dtype=tl.int32)
+        # the four activation words in one 16-byte load, cut apart in registers
+        xv = tl.load(xb[:, :, None] + (32 * h + 8 * k + j0) + tl.arange(0, 4)[None, None, :])
+        x01, x23 = tl.split(tl.reshape(xv, [xv.shape[0], xv.shape[1], 2, 2]))
+        xa, xb_ = tl.split(x01)
+        xc, xd = tl.split(x23)
+        for j in tl.static_range(j0, j0 + 4):
+            lo4 = _word6(wp, sel, odd, 16 * h + 8 * (k % 2) + j, ASM)
+            if k >= 2:
+                lo4 = lo4 >> 4
+            hq = _word6(wp, sel, odd, 32 + 8 * h + j, ASM)
+            if k == 0:
+                hq = hq << 4
+            elif k == 1:
+                hq = hq << 2
+            elif k == 3:
+                hq = hq >> 2
+            v = (lo4 & 0x0F0F0F0F) | (hq & 0x30303030)
+            if j % 4 == 0:
+                xj = xa
+            elif j % 4 == 1:
+                xj = xc
+            elif j % 4 == 2:
+                xj = xb_
+            else:
+                xj = xd
+            t = _dp4a_acc(v, xj, t, False, ASM)
+        return t
+
+    @triton.jit
+    def _q6_k_q8_lanes_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s,
+                              stride_y, BN: tl.constexpr, ALIGN: tl.constexpr, SL: tl.constexpr, ASM: tl.constexpr):
+        # As _q6_k_q8_kernel, one superblock a thread (over [rows BN, superblocks SL]). A block is only 2-byte
+        # aligned, so the thread reads the aligned words around it and shifts them two bytes where it starts
+        # mid-word (prmt). Half h of the block: ql words A = 16h + j, B = 16h + 8 + j and qh word H = 32 + 8h + j
+        # (j = 0..7) hold weights 128h + 32k + 4j.. for k = 0..3: A's low nibbles (k 0), B's (1), A's high (2),
+        # B's (3), with H's bits 2k, 2k + 1 on top; group of 16 8h + 2k + j // 4.
+        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
+                                                       stride_s, BN, ALIGN)
+        s = tl.arange(0, SL)[None, :]  # [1, SL]
+        zrow = tl.zeros([BN, 1], dtype=tl.int32)
+        acc = tl.zeros([BN, SL], dtype=tl.float32)
+        for sb0 in range(0, K // 256, SL):
+            sbk = sb0 + s
+            b = row0[:, None] + sbk * 210  # [BN, SL] byte pointers
+            odd = (b.to(tl.int64) & 2) != 0
+            wp = (b - odd.to(tl.int32) * 2).to(tl.pointer_type(tl.int32))
+            sel = tl.where(odd, 0x5432, 0x3210)
+            d = _f16(b + 208)
+            xb = xw + zrow + sbk * 64  # [BN, SL]: the superblock's first activation word
+            g16 = zrow + sbk * 16  # its first group of 16
+            acc_s = tl.zeros([BN, SL], dtype=tl.float32)
+            for h in tl.static_range(2):
+                for k in tl.static_range(4):
+                    # the two groups of 16 (words j = 0..3, then 4..7)
+                    t0 = _q6_dot4(wp, sel, odd, xb, h, k, 0, ASM)
+                    t1 = _q6_dot4(wp, sel, odd, xb, h, k, 4, ASM)
+                    gi = 8 * h + 2 * k  # the first group; scale bytes gi, gi + 1 are in word 48 + gi // 4
+                    sw = _word6(wp, sel, odd, 48 + gi // 4, ASM)
+                    sc0 = (sw << (24 - 8 * (gi % 4))) >> 24
+                    sc1 = (sw << (16 - 8 * (gi % 4))) >> 24
+                    x0 = tl.load(xsr + g16 + gi)
+                    x1 = tl.load(xsr + g16 + gi + 1)
+                    m = (sc0 * t0 + sc1 * t1).to(tl.float32) - 32.0 * (sc0.to(tl.float32) * x0 +
+                                                                                 sc1.to(tl.float32) * x1)
+                    acc_s += tl.load(dxr + sbk * 8 + zrow + (4 * h + k)) * m
+            acc += d * acc_s
+        out = tl.sum(acc, axis=1)
+        tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
+
+    @triton.jit
     def _q8_0_kernel(base, offs, xrows, x, y, N, K, row_bytes, stride_x, stride_y, BN: tl.constexpr,
                      ALIGN: tl.constexpr, NB: tl.constexpr):
         # Q8_0 block (32 weights, 34 bytes): d (fp16), 32 int8. NB blocks of a row per step.
@@ -398,8 +602,17 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     align = 16 if aligned and base.data_ptr() % 16 == 0 else 2
     name = qtype.name
     q8 = q8 and (align == 16 and name in ("Q4_K", "Q5_K") or name == "Q6_K")
-    bn, warps, sb = config(name, N, K, P, q8) if tune is None else tune
+    bn, warps, sb, *lanes = config(name, N, K, P, q8) if tune is None else tune
+    lanes = lanes[0] if lanes else 0  # one superblock a thread, lanes superblocks of a row at once
+    while lanes > 1 and (K // 256) % lanes:  # fewer superblocks at once where they do not divide a row: more rows
+        lanes //= 2
+        bn *= 2
     grid = (triton.cdiv(N, bn), P)
+    if name == "Q6_K" and q8 and lanes:
+        xq, dx, xs = x8 or quantize_q8(x)
+        _q6_k_q8_lanes_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0), dx.stride(0),
+                                    xs.stride(0), y.stride(0), BN=bn, ALIGN=2, SL=lanes, ASM=_ASM, num_warps=warps)
+        return y
     if name == "Q6_K" and q8:
         sb = sb if (K // 256) % sb == 0 else 1
         xq, dx, xs = x8 or quantize_q8(x)
@@ -408,6 +621,12 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
         return y
     if name in ("Q4_K", "Q5_K"):
         sb = sb if (K // 256) % sb == 0 else 1
+        if q8 and lanes:
+            xq, dx, xs = x8 or quantize_q8(x)
+            _q4_k_q8_lanes_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0),
+                                        dx.stride(0), xs.stride(0), y.stride(0), BN=bn, ALIGN=align,
+                                        Q5=name == "Q5_K", SL=lanes, ASM=_ASM, num_warps=warps)
+            return y
         if q8:
             xq, dx, xs = x8 or quantize_q8(x)
             _q4_k_q8_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0), dx.stride(0),

@@ -91,6 +91,32 @@ def test_fused_pairs_equal_dequantize_then_matmul(qtype, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+@pytest.mark.parametrize("tune", [(2, 1, 1, 16), (8, 4, 1, 16), (16, 1, 1, 2), (4, 1, 1, 8)])
+@pytest.mark.parametrize("shape", [(40, 4096), (300, 768), (36, 1536)])
+def test_one_superblock_a_thread_kernels_equal_dequantize_then_matmul(qtype, tune, shape):
+    """The kernels that give each thread one superblock (a tune's 4th number), also where that many
+    superblocks do not divide a row (768: 3; 1536: 6), and on weights at odd offsets (Q6_K blocks start
+    mid-word in every other block; here whole weights do too)."""
+    from flashmoe_stream.quant import _triton
+
+    dev = torch.device("cuda")
+    n = quant.nbytes(qtype, shape)
+    align = 2 if qtype == Q.Q6_K else 16
+    weights = [_blocks(qtype, shape, seed) for seed in range(2)]
+    pool = torch.zeros(align + 2 * n, dtype=torch.uint8)
+    pool[align:align + n], pool[align + n:] = weights
+    pool = pool.to(dev)
+    x = torch.randn(3, shape[1], device=dev)
+    offs = torch.tensor([align + n, align, align + n], dtype=torch.int64, device=dev)
+    rows = torch.tensor([2, 0, 1], device=dev)
+    y = _triton.gemv_pairs(x, pool, offs, rows, qtype, shape, tune=tune)
+    for p, (w, r) in enumerate(zip([1, 0, 1], [2, 0, 1])):
+        want = _ref(x[r: r + 1], weights[w], qtype, shape)[0]
+        assert (y[p].double() - want).norm() / want.norm() < 1e-5, p
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("qtype", FUSED)
 @pytest.mark.parametrize("T", [1, 5, 40])  # fused rows, and a prompt (dequantised on use)
 def test_qtensor_matmul_and_rows(qtype, T):
