@@ -88,7 +88,7 @@ for name, qt, shape, P in CASES:
     res = []
     for t in tunes:
         sbs = shape[1] // 256
-        if t[2] > sbs or sbs % t[2] or len(t) > 3 and sbs % t[3]:
+        if t[2] > sbs or sbs % t[2] or len(t) > 3 and t[3] > 2 * sbs:
             continue
         try:
             y = _triton.gemv_pairs(x, pool, offs[0], xrows, qt, shape, tune=t, x8=x8)

@@ -309,6 +309,8 @@ if triton is not None:
         acc = tl.zeros([BN, SL], dtype=tl.float32)
         for sb0 in range(0, K // 256, SL):
             sbk = sb0 + s  # [1, SL]
+            live = sbk < K // 256  # threads past the row's end read its last block and add nothing
+            sbk = tl.minimum(sbk, K // 256 - 1)
             blk = (row0[:, None] + sbk * (4 * BW)).to(tl.pointer_type(tl.int32))  # [BN, SL]
             w1 = tl.load(blk + 1)
             w2 = tl.load(blk + 2)
@@ -334,7 +336,7 @@ if triton is not None:
             w0 = tl.load(blk)
             d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            acc += d * accd - dmin * accm
+            acc += tl.where(live, d * accd - dmin * accm, 0.0)
         tl.store(y + p.to(tl.int64) * stride_y + rows, tl.sum(acc, axis=1), mask=rmask)
 
     @triton.jit
@@ -500,6 +502,8 @@ if triton is not None:
         acc = tl.zeros([BN, SL], dtype=tl.float32)
         for sb0 in range(0, K // 256, SL):
             sbk = sb0 + s
+            live = sbk < K // 256  # threads past the row's end read its last block and add nothing
+            sbk = tl.minimum(sbk, K // 256 - 1)
             b = row0[:, None] + sbk * 210  # [BN, SL] byte pointers
             odd = (b.to(tl.int64) & 2) != 0
             wp = (b - odd.to(tl.int32) * 2).to(tl.pointer_type(tl.int32))
@@ -522,7 +526,7 @@ if triton is not None:
                     m = (sc0 * t0 + sc1 * t1).to(tl.float32) - 32.0 * (sc0.to(tl.float32) * x0 +
                                                                                  sc1.to(tl.float32) * x1)
                     acc_s += tl.load(dxr + sbk * 8 + zrow + (4 * h + k)) * m
-            acc += d * acc_s
+            acc += tl.where(live, d * acc_s, 0.0)
         out = tl.sum(acc, axis=1)
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
@@ -604,9 +608,6 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     q8 = q8 and (align == 16 and name in ("Q4_K", "Q5_K") or name == "Q6_K")
     bn, warps, sb, *lanes = config(name, N, K, P, q8) if tune is None else tune
     lanes = lanes[0] if lanes else 0  # one superblock a thread, lanes superblocks of a row at once
-    while lanes > 1 and (K // 256) % lanes:  # fewer superblocks at once where they do not divide a row: more rows
-        lanes //= 2
-        bn *= 2
     grid = (triton.cdiv(N, bn), P)
     if name == "Q6_K" and q8 and lanes:
         xq, dx, xs = x8 or quantize_q8(x)

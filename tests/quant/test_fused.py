@@ -96,8 +96,8 @@ def test_fused_pairs_equal_dequantize_then_matmul(qtype, shape):
 @pytest.mark.parametrize("shape", [(40, 4096), (300, 768), (36, 1536)])
 def test_one_superblock_a_thread_kernels_equal_dequantize_then_matmul(qtype, tune, shape):
     """The kernels that give each thread one superblock (a tune's 4th number), also where that many
-    superblocks do not divide a row (768: 3; 1536: 6), and on weights at odd offsets (Q6_K blocks start
-    mid-word in every other block; here whole weights do too)."""
+    superblocks do not divide a row (768: 3; 1536: 6; the threads past a row's end take no part), and on
+    weights at odd offsets (Q6_K blocks start mid-word in every other block; here whole weights do too)."""
     from flashmoe_stream.quant import _triton
 
     dev = torch.device("cuda")
@@ -112,7 +112,7 @@ def test_one_superblock_a_thread_kernels_equal_dequantize_then_matmul(qtype, tun
     rows = torch.tensor([2, 0, 1], device=dev)
     y = _triton.gemv_pairs(x, pool, offs, rows, qtype, shape, tune=tune)
     for p, (w, r) in enumerate(zip([1, 0, 1], [2, 0, 1])):
-        want = _ref(x[r: r + 1], weights[w], qtype, shape)[0]
+        want = _ref(x[r: r + 1], weights[w].to(dev), qtype, shape)[0]
         assert (y[p].double() - want).norm() / want.norm() < 1e-5, p
 
 
