@@ -36,8 +36,8 @@ def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, ...
     docs/BENCHMARKS.md). On 8-bit activations, few rows a program over many superblocks a step: more reads
     in flight per thread, and small weights (k, v: 512 rows) spread over many programs instead of looping
     16 times in a few. A 4th number picks the kernels that give each thread one superblock (``lanes``
-    superblocks of a row at once): they win on the head (Q6_K, 13 %), the experts' down (Q4_K, K 1536: 11 %)
-    and o (K 8192: 2 %)."""
+    superblocks of a row at once, masked past a row's end): they win on the head (Q6_K, 13 %), the experts'
+    down (K 1536: Q4_K 6-11 %, Q6_K 5 %) and o (K 8192: 2 %)."""
     sbs = K // 256
     if name in ("Q4_K", "Q5_K"):
         if not q8:  # float activations (weights not 16-byte aligned)
@@ -48,10 +48,13 @@ def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, ...
             return 1, 1, 8
         return (2, 1, 4) if K <= 4096 else (8, 4, 1, 16)
     if name == "Q6_K":
-        if q8:  # small weights (v: 512 rows) 1 row, 8 superblocks; the experts' down 4 rows, 1; the head lanes
+        if q8:  # small weights (v: 512 rows) 1 row, 8 superblocks; the head and the experts' down (K 1536, its
+            # 6 superblocks on 8 lanes) one superblock a thread
             if N >= 32768:
                 return 8, 4, 1, 16
-            return (1, 1, 8) if N * P <= 1024 and sbs % 8 == 0 else (4, 1, 1)
+            if sbs % 8:
+                return 8, 2, 1, 8
+            return (1, 1, 8) if N * P <= 1024 else (4, 1, 1)
         return (16, 8, 1) if N >= 32768 else ((4, 1, 1) if P >= 8 else (8, 2, 1))
     return 16, 2, 1
 
