@@ -670,12 +670,115 @@ ROW_FLOAT(row_float_32m, 32, 1)
 ROW_FLOAT(row_float_16, 16, 0)
 ROW_FLOAT(row_float_16m, 16, 1)
 
+#if QD_AVX2
+/* Q4_K against Q8_K-rounded rows without decoding to memory: per superblock, the nibbles of each 32 bytes
+ * straight into maddubs (unsigned 4-bit times signed 8-bit, pairs summed to int16: at most 2 * 15 * 128),
+ * the pairs times their sub-block's 6-bit scale and summed again to int32 (madd), all eight sub-blocks
+ * summed in integers, converted and scaled once: d * d_x * sum_j sc_j (q . x)_j - dmin * sum_j m_j dbs_j,
+ * the reference's value regrouped (the integer part exact). */
+static void row_q4_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d,
+                           const float *a_s, float *res, int8_t *q, float *acc) {
+    (void)q;
+    const int64_t K = jb->K, R = jb->R, kp = jb->a->kp, nb = K / 256;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    memset(acc, 0, sizeof(float) * 16 * R);
+    for (int64_t c = 0; c < nb; c++) {
+        const uint8_t *b = wrow + 144 * c;
+        uint32_t w[3];
+        memcpy(w, b + 4, 12);
+        uint64_t s = (uint64_t)(w[0] & 0x3F3F3F3Fu)
+                     | (uint64_t)((w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)) << 32;
+        uint64_t m = (uint64_t)(w[1] & 0x3F3F3F3Fu)
+                     | (uint64_t)(((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)) << 32;
+        __m256i sc16[8], wq[8];
+        for (int j = 0; j < 8; j++) sc16[j] = _mm256_set1_epi16((short)((s >> (8 * j)) & 0xFF));
+        for (int i = 0; i < 4; i++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * i));
+            wq[2 * i] = _mm256_and_si256(v, m4);
+            wq[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        const float d = rd16(b), dmin = rd16(b + 2);
+        const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin),
+                                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m))));
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *aq = a_q + r * kp + 256 * c;
+            __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j += 2) {
+                __m256i p0 = _mm256_maddubs_epi16(wq[j], _mm256_loadu_si256((const __m256i *)(aq + 32 * j)));
+                __m256i p1 = _mm256_maddubs_epi16(wq[j + 1], _mm256_loadu_si256((const __m256i *)(aq + 32 * j + 32)));
+                t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(p0, sc16[j]));
+                t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(p1, sc16[j + 1]));
+            }
+            const float dd = d * a_d[r * (kp / 32) + 8 * c];
+            _mm256_store_ps(acc + 16 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(t0, t1)),
+                                                          _mm256_set1_ps(dd), _mm256_load_ps(acc + 16 * r)));
+            _mm256_store_ps(acc + 16 * r + 8, _mm256_fmadd_ps(mn, _mm256_loadu_ps(a_s + r * (kp / 32) + 8 * c),
+                                                              _mm256_load_ps(acc + 16 * r + 8)));
+        }
+    }
+    finish_rows(acc, R, res);
+}
+
+/* Q6_K likewise: the 6-bit values v (0..63) straight into maddubs (at most 2 * 63 * 128 per pair), times the
+ * signed scale of their 16 (madd), summed in integers over the superblock; the -32 offset comes back as
+ * 32 * d * sum_j sc_j dbs_j (dbs: the activations' scaled sums per 16) on the minus side. */
+static void row_q6_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d,
+                           const float *a_s, float *res, int8_t *q, float *acc) {
+    (void)q;
+    const int64_t K = jb->K, R = jb->R, kp = jb->a->kp, nb = K / 256;
+    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30);
+    memset(acc, 0, sizeof(float) * 16 * R);
+    for (int64_t c = 0; c < nb; c++) {
+        const uint8_t *b = wrow + 210 * c;
+        const int8_t *scb = (const int8_t *)(b + 192);
+        __m256i sc16[8], wq[8];
+        for (int j = 0; j < 8; j++)
+            sc16[j] = _mm256_setr_m128i(_mm_set1_epi16(scb[2 * j]), _mm_set1_epi16(scb[2 * j + 1]));
+        for (int h = 0; h < 2; h++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+            __m256i cc = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+            __m256i hh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+            wq[4 * h] = _mm256_or_si256(_mm256_and_si256(a, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m2));
+            wq[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(cc, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m2));
+            wq[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), _mm256_and_si256(hh, m2));
+            wq[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(cc, 4), m4),
+                                            _mm256_and_si256(_mm256_srli_epi16(hh, 2), m2));
+        }
+        const float d = rd16(b + 208);
+        const __m256 d32 = _mm256_set1_ps(32.0f * d);
+        const __m256 s0 = _mm256_mul_ps(d32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)scb))));
+        const __m256 s1 = _mm256_mul_ps(d32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(scb + 8)))));
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *aq = a_q + r * kp + 256 * c;
+            __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j += 2) {
+                __m256i p0 = _mm256_maddubs_epi16(wq[j], _mm256_loadu_si256((const __m256i *)(aq + 32 * j)));
+                __m256i p1 = _mm256_maddubs_epi16(wq[j + 1], _mm256_loadu_si256((const __m256i *)(aq + 32 * j + 32)));
+                t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(p0, sc16[j]));
+                t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(p1, sc16[j + 1]));
+            }
+            const float dd = d * a_d[r * (kp / 32) + 8 * c];
+            const float *as = a_s + r * (kp / 16) + 16 * c;
+            _mm256_store_ps(acc + 16 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(t0, t1)),
+                                                          _mm256_set1_ps(dd), _mm256_load_ps(acc + 16 * r)));
+            __m256 mm = _mm256_fmadd_ps(s0, _mm256_loadu_ps(as), _mm256_load_ps(acc + 16 * r + 8));
+            _mm256_store_ps(acc + 16 * r + 8, _mm256_fmadd_ps(s1, _mm256_loadu_ps(as + 8), mm));
+        }
+    }
+    finish_rows(acc, R, res);
+}
+#endif
+
 typedef void (*row_int_fn)(const job *, const uint8_t *, const int8_t *, const float *, const float *, float *,
                            int8_t *, float *);
 typedef void (*row_float_fn)(const job *, const uint8_t *, const float *, const float *, float *, int8_t *,
                              float *, float *);
 
 static row_int_fn pick_int(const qtype_info *ti) {
+#if QD_AVX2
+    if (ti->type == T_Q4_K) return row_q4_k_fused;
+    if (ti->type == T_Q6_K) return row_q6_k_fused;
+#endif
     if (ti->act_k) return ti->sub == 32 ? row_int_k32m : (ti->has_min ? row_int_k16m : row_int_k16);
     return ti->has_min ? row_int_0m : row_int_0;
 }
