@@ -14,6 +14,10 @@ Q4_K, Q5_K and Q6_K multiply 8-bit activations instead, as llama.cpp's GPU kerne
 32 values to int8 with one float scale (``quantize_q8``), and four weights times four activation bytes
 are summed by one integer instruction (dp4a); converting every weight to float was what bounded the
 float kernels (a quarter-rate instruction per weight). ``q8=False`` keeps float activations.
+
+Two layouts of the work: the first kernels spread a block's words over neighbouring threads (reads side
+by side, sums shuffled between threads); the ``lanes`` kernels give each thread one superblock (reads 144
+or 210 bytes apart, nothing shuffled until a row's last sum). ``config`` picks per shape, from sweeps.
 """
 
 from __future__ import annotations
@@ -462,11 +466,12 @@ if triton is not None:
     def _q6_dot4(wp, sel, odd, xb, h: tl.constexpr, k: tl.constexpr, j0: tl.constexpr, ASM: tl.constexpr):
         """The integer dot of 16 six-bit weights (half h, quarter k, words j0..j0 + 3) with their activations."""
         t = tl.zeros(odd.shape, dtype=tl.int32)
-        # the four activation words in one 16-byte load, cut apart in registers
+        # the four activation words in one 16-byte load, cut apart in registers ([.., 4] as [.., 2, 2]: each
+        # split takes the last axis, so the first gives words (0, 2) and (1, 3))
         xv = tl.load(xb[:, :, None] + (32 * h + 8 * k + j0) + tl.arange(0, 4)[None, None, :])
-        x01, x23 = tl.split(tl.reshape(xv, [xv.shape[0], xv.shape[1], 2, 2]))
-        xa, xb_ = tl.split(x01)
-        xc, xd = tl.split(x23)
+        x02, x13 = tl.split(tl.reshape(xv, [xv.shape[0], xv.shape[1], 2, 2]))
+        x0, x2 = tl.split(x02)
+        x1, x3 = tl.split(x13)
         for j in tl.static_range(j0, j0 + 4):
             lo4 = _word6(wp, sel, odd, 16 * h + 8 * (k % 2) + j, ASM)
             if k >= 2:
@@ -480,13 +485,13 @@ if triton is not None:
                 hq = hq >> 2
             v = (lo4 & 0x0F0F0F0F) | (hq & 0x30303030)
             if j % 4 == 0:
-                xj = xa
+                xj = x0
             elif j % 4 == 1:
-                xj = xc
+                xj = x1
             elif j % 4 == 2:
-                xj = xb_
+                xj = x2
             else:
-                xj = xd
+                xj = x3
             t = _dp4a_acc(v, xj, t, False, ASM)
         return t
 
@@ -585,7 +590,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
-               aligned: bool = True, tune: tuple[int, int, int] | None = None, q8: bool = True,
+               aligned: bool = True, tune: tuple[int, ...] | None = None, q8: bool = True,
                x8: tuple | None = None) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).
@@ -595,7 +600,7 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     Q5_K take 8-bit activations, see quantize_q8; Q6_K takes them at any alignment; ``q8=False`` keeps
     them float). Returns float32 [P, N].
     The caller keeps the weights alive until the kernel has run. ``tune``: (rows per program, warps,
-    superblocks per step) instead of ``config``'s choice. ``x8``: ``quantize_q8(x)``, where the caller
+    superblocks per step[, lanes]) instead of ``config``'s choice (see there). ``x8``: ``quantize_q8(x)``, where the caller
     has it already (the same x meets several weights); used where this call takes 8-bit activations.
     """
     N, K = shape
