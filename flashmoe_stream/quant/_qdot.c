@@ -671,19 +671,19 @@ ROW_FLOAT(row_float_16, 16, 0)
 ROW_FLOAT(row_float_16m, 16, 1)
 
 #if QD_AVX2
-/* Q4_K against Q8_K-rounded rows without decoding to memory: per superblock, the nibbles of each 32 bytes
- * straight into maddubs (unsigned 4-bit times signed 8-bit, pairs summed to int16: at most 2 * 15 * 128),
+/* Q4_K (Q5_K) against Q8_K-rounded rows without decoding to memory: per superblock, the nibbles of each 32 bytes
+ * (with their 5th bits) straight into maddubs (unsigned 4/5-bit times signed 8-bit, pairs summed to int16: at
+ * most 2 * 31 * 128),
  * the pairs times their sub-block's 6-bit scale and summed again to int32 (madd), all eight sub-blocks
  * summed in integers, converted and scaled once: d * d_x * sum_j sc_j (q . x)_j - dmin * sum_j m_j dbs_j,
  * the reference's value regrouped (the integer part exact). */
-static void row_q4_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d,
-                           const float *a_s, float *res, int8_t *q, float *acc) {
-    (void)q;
+ALWAYS_INLINE void row_q45_k_t(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d,
+                               const float *a_s, float *res, float *acc, const int q5) {
     const int64_t K = jb->K, R = jb->R, kp = jb->a->kp, nb = K / 256;
-    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
     memset(acc, 0, sizeof(float) * 16 * R);
     for (int64_t c = 0; c < nb; c++) {
-        const uint8_t *b = wrow + 144 * c;
+        const uint8_t *b = wrow + (q5 ? 176 : 144) * c, *qs = b + (q5 ? 48 : 16);
         uint32_t w[3];
         memcpy(w, b + 4, 12);
         uint64_t s = (uint64_t)(w[0] & 0x3F3F3F3Fu)
@@ -693,9 +693,16 @@ static void row_q4_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q
         __m256i sc16[8], wq[8];
         for (int j = 0; j < 8; j++) sc16[j] = _mm256_set1_epi16((short)((s >> (8 * j)) & 0xFF));
         for (int i = 0; i < 4; i++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * i));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
             wq[2 * i] = _mm256_and_si256(v, m4);
             wq[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            if (q5) {  /* Q5_K: bit 2i of qh[l] is the 5th bit of sub-block 2i's weight l, bit 2i + 1 of 2i + 1's */
+                const __m256i h = _mm256_loadu_si256((const __m256i *)(b + 16));
+                const __m256i lo = _mm256_set1_epi8((char)(1 << (2 * i))), hi = _mm256_set1_epi8((char)(2 << (2 * i)));
+                wq[2 * i] = _mm256_or_si256(wq[2 * i], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, lo), lo), b4));
+                wq[2 * i + 1] = _mm256_or_si256(wq[2 * i + 1],
+                                                _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, hi), hi), b4));
+            }
         }
         const float d = rd16(b), dmin = rd16(b + 2);
         const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin),
@@ -717,6 +724,18 @@ static void row_q4_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q
         }
     }
     finish_rows(acc, R, res);
+}
+
+static void row_q4_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d,
+                           const float *a_s, float *res, int8_t *q, float *acc) {
+    (void)q;
+    row_q45_k_t(jb, wrow, a_q, a_d, a_s, res, acc, 0);
+}
+
+static void row_q5_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q, const float *a_d,
+                           const float *a_s, float *res, int8_t *q, float *acc) {
+    (void)q;
+    row_q45_k_t(jb, wrow, a_q, a_d, a_s, res, acc, 1);
 }
 
 /* Q6_K likewise: the 6-bit values v (0..63) straight into maddubs (at most 2 * 63 * 128 per pair), times the
@@ -777,6 +796,7 @@ typedef void (*row_float_fn)(const job *, const uint8_t *, const float *, const 
 static row_int_fn pick_int(const qtype_info *ti) {
 #if QD_AVX2
     if (ti->type == T_Q4_K) return row_q4_k_fused;
+    if (ti->type == T_Q5_K) return row_q5_k_fused;
     if (ti->type == T_Q6_K) return row_q6_k_fused;
 #endif
     if (ti->act_k) return ti->sub == 32 ? row_int_k32m : (ti->has_min ? row_int_k16m : row_int_k16);
