@@ -276,14 +276,19 @@ static void dec_q3_k(const uint8_t *b, int nblk, int8_t *q, float *sc, float *mn
 #endif
 }
 
-/* Q4_K/Q5_K: the eight 6-bit scales and mins of the 12 packed bytes, four at a time as 32-bit words */
-static inline void k_scales(const uint8_t *b, float *sc, float *mn) {
+/* Q4_K/Q5_K: the eight 6-bit scales (*s) and mins (*m) of the 12 packed bytes, one a byte, cut four at a
+ * time from 32-bit words */
+static inline void k_scale_bytes(const uint8_t *b, uint64_t *s, uint64_t *m) {
     uint32_t w[3];
     memcpy(w, b + 4, 12);
-    uint64_t s = (uint64_t)(w[0] & 0x3F3F3F3Fu)
-                 | (uint64_t)((w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)) << 32;
-    uint64_t m = (uint64_t)(w[1] & 0x3F3F3F3Fu)
-                 | (uint64_t)(((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)) << 32;
+    *s = (uint64_t)(w[0] & 0x3F3F3F3Fu) | (uint64_t)((w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)) << 32;
+    *m = (uint64_t)(w[1] & 0x3F3F3F3Fu) | (uint64_t)(((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)) << 32;
+}
+
+/* ... as floats: d * scale, dmin * min */
+static inline void k_scales(const uint8_t *b, float *sc, float *mn) {
+    uint64_t s, m;
+    k_scale_bytes(b, &s, &m);
     scale8(s, 0, rd16(b), sc);
     scale8(m, 0, rd16(b + 2), mn);
 }
@@ -684,12 +689,8 @@ ALWAYS_INLINE void row_q45_k_t(const job *jb, const uint8_t *wrow, const int8_t 
     memset(acc, 0, sizeof(float) * 16 * R);
     for (int64_t c = 0; c < nb; c++) {
         const uint8_t *b = wrow + (q5 ? 176 : 144) * c, *qs = b + (q5 ? 48 : 16);
-        uint32_t w[3];
-        memcpy(w, b + 4, 12);
-        uint64_t s = (uint64_t)(w[0] & 0x3F3F3F3Fu)
-                     | (uint64_t)((w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u)) << 32;
-        uint64_t m = (uint64_t)(w[1] & 0x3F3F3F3Fu)
-                     | (uint64_t)(((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u)) << 32;
+        uint64_t s, m;
+        k_scale_bytes(b, &s, &m);
         __m256i sc16[8], wq[8];
         for (int j = 0; j < 8; j++) sc16[j] = _mm256_set1_epi16((short)((s >> (8 * j)) & 0xFF));
         for (int i = 0; i < 4; i++) {
