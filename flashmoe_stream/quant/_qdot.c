@@ -676,6 +676,19 @@ ROW_FLOAT(row_float_16, 16, 0)
 ROW_FLOAT(row_float_16m, 16, 1)
 
 #if QD_AVX2
+/* The integer dot of one superblock's 8 registers of unsigned quants wq with a row's 256 activations aq,
+ * each pair of products (maddubs) times its scale in sc16 and summed again (madd): 8 int32 lanes. */
+static inline __m256i scaled_dot256(const __m256i *wq, const __m256i *sc16, const int8_t *aq) {
+    __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j += 2) {
+        __m256i p0 = _mm256_maddubs_epi16(wq[j], _mm256_loadu_si256((const __m256i *)(aq + 32 * j)));
+        __m256i p1 = _mm256_maddubs_epi16(wq[j + 1], _mm256_loadu_si256((const __m256i *)(aq + 32 * j + 32)));
+        t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(p0, sc16[j]));
+        t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(p1, sc16[j + 1]));
+    }
+    return _mm256_add_epi32(t0, t1);
+}
+
 /* Q4_K (Q5_K) against Q8_K-rounded rows without decoding to memory: per superblock, the nibbles of each 32 bytes
  * (with their 5th bits) straight into maddubs (unsigned 4/5-bit times signed 8-bit, pairs summed to int16: at
  * most 2 * 31 * 128),
@@ -693,12 +706,12 @@ ALWAYS_INLINE void row_q45_k_t(const job *jb, const uint8_t *wrow, const int8_t 
         k_scale_bytes(b, &s, &m);
         __m256i sc16[8], wq[8];
         for (int j = 0; j < 8; j++) sc16[j] = _mm256_set1_epi16((short)((s >> (8 * j)) & 0xFF));
+        const __m256i h = q5 ? _mm256_loadu_si256((const __m256i *)(b + 16)) : m4;  /* Q5_K's 5th bits */
         for (int i = 0; i < 4; i++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
             wq[2 * i] = _mm256_and_si256(v, m4);
             wq[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             if (q5) {  /* Q5_K: bit 2i of qh[l] is the 5th bit of sub-block 2i's weight l, bit 2i + 1 of 2i + 1's */
-                const __m256i h = _mm256_loadu_si256((const __m256i *)(b + 16));
                 const __m256i lo = _mm256_set1_epi8((char)(1 << (2 * i))), hi = _mm256_set1_epi8((char)(2 << (2 * i)));
                 wq[2 * i] = _mm256_or_si256(wq[2 * i], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, lo), lo), b4));
                 wq[2 * i + 1] = _mm256_or_si256(wq[2 * i + 1],
@@ -709,16 +722,9 @@ ALWAYS_INLINE void row_q45_k_t(const job *jb, const uint8_t *wrow, const int8_t 
         const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin),
                                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m))));
         for (int64_t r = 0; r < R; r++) {
-            const int8_t *aq = a_q + r * kp + 256 * c;
-            __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j += 2) {
-                __m256i p0 = _mm256_maddubs_epi16(wq[j], _mm256_loadu_si256((const __m256i *)(aq + 32 * j)));
-                __m256i p1 = _mm256_maddubs_epi16(wq[j + 1], _mm256_loadu_si256((const __m256i *)(aq + 32 * j + 32)));
-                t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(p0, sc16[j]));
-                t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(p1, sc16[j + 1]));
-            }
+            const __m256i t = scaled_dot256(wq, sc16, a_q + r * kp + 256 * c);
             const float dd = d * a_d[r * (kp / 32) + 8 * c];
-            _mm256_store_ps(acc + 16 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(t0, t1)),
+            _mm256_store_ps(acc + 16 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t),
                                                           _mm256_set1_ps(dd), _mm256_load_ps(acc + 16 * r)));
             _mm256_store_ps(acc + 16 * r + 8, _mm256_fmadd_ps(mn, _mm256_loadu_ps(a_s + r * (kp / 32) + 8 * c),
                                                               _mm256_load_ps(acc + 16 * r + 8)));
@@ -769,17 +775,10 @@ static void row_q6_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q
         const __m256 s0 = _mm256_mul_ps(d32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)scb))));
         const __m256 s1 = _mm256_mul_ps(d32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(scb + 8)))));
         for (int64_t r = 0; r < R; r++) {
-            const int8_t *aq = a_q + r * kp + 256 * c;
-            __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j += 2) {
-                __m256i p0 = _mm256_maddubs_epi16(wq[j], _mm256_loadu_si256((const __m256i *)(aq + 32 * j)));
-                __m256i p1 = _mm256_maddubs_epi16(wq[j + 1], _mm256_loadu_si256((const __m256i *)(aq + 32 * j + 32)));
-                t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(p0, sc16[j]));
-                t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(p1, sc16[j + 1]));
-            }
+            const __m256i t = scaled_dot256(wq, sc16, a_q + r * kp + 256 * c);
             const float dd = d * a_d[r * (kp / 32) + 8 * c];
             const float *as = a_s + r * (kp / 16) + 16 * c;
-            _mm256_store_ps(acc + 16 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(t0, t1)),
+            _mm256_store_ps(acc + 16 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t),
                                                           _mm256_set1_ps(dd), _mm256_load_ps(acc + 16 * r)));
             __m256 mm = _mm256_fmadd_ps(s0, _mm256_loadu_ps(as), _mm256_load_ps(acc + 16 * r + 8));
             _mm256_store_ps(acc + 16 * r + 8, _mm256_fmadd_ps(s1, _mm256_loadu_ps(as + 8), mm));
