@@ -149,14 +149,7 @@ if triton is not None:
     @triton.jit
     def _dp4a(a, b, ASM: tl.constexpr):
         """Per int32 lane: the sum of the products of its four signed bytes in a and in b."""
-        if ASM:
-            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32,
-                                             is_pure=True, pack=1)
-        else:  # the interpreter runs no PTX
-            s = ((a << 24) >> 24) * ((b << 24) >> 24)
-            s += ((a << 16) >> 24) * ((b << 16) >> 24)
-            s += ((a << 8) >> 24) * ((b << 8) >> 24)
-            return s + (a >> 24) * (b >> 24)
+        return _dp4a_acc(a, b, tl.zeros(a.shape, dtype=tl.int32), False, ASM)
 
     @triton.jit
     def q8_groups(v, g, gm, xq, dx, xs):
