@@ -18,26 +18,13 @@ from gguf import GGMLQuantizationType as Q
 from flashmoe_stream import quant
 from flashmoe_stream.quant import _triton
 
+from _cuda_timing import timed  # tools/
+
 dev = torch.device("cuda")
-ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
 
 
-def graph_us(fn, calls, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        fn()
-    gr.replay()
-    ev[0].record()
-    for _ in range(reps):
-        gr.replay()
-    ev[1].record()
-    torch.cuda.synchronize()
-    return ev[0].elapsed_time(ev[1]) / reps * 1e3 / calls
+def graph_us(fn, calls):
+    return timed(fn) * 1e6 / calls
 
 
 a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)

@@ -11,32 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from _cuda_timing import timed  # tools/
+
 dev = torch.device("cuda")
-ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-
-
-def timed(fn, reps=20, graph=True):
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        gr = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gr):
-            fn()
-        run = gr.replay
-    else:
-        run = fn
-    run()
-    ev[0].record()
-    for _ in range(reps):
-        run()
-    ev[1].record()
-    torch.cuda.synchronize()
-    return ev[0].elapsed_time(ev[1]) / reps * 1e-3
 
 
 @triton.jit
