@@ -10,6 +10,10 @@ Rules
 * Pins: the entries a ``get()`` returns stay on the device tier until the next ``get()`` of a *different*
   layer (or ``release()``); gets of the same layer add to the pins. So a model may use what ``get`` gave it
   until it asks for the next layer. Call ``get`` from one thread (the model's); ``prefetch`` from any.
+* Holds: the experts a ``prefetch(layer, ...)`` names stay on the device tier (evicted only when nothing else
+  can go) until the gets of ``layer`` are over, i.e. a get of another layer follows them; those they did not
+  ask for count as wasted then. Without the hold, the reads of the layer running now would evict the next
+  layer's prefetched experts first (never used yet, every policy ranks them lowest).
 * Budgets are bytes: the device tier counts the raw bytes of each expert, the host tier the bytes it holds
   (the aligned read buffer). Space for a copy is reserved before the copy starts, so resident + reserved
   never exceeds a budget. A prefetch that finds no room on the device (everything pinned or reserved) stops
@@ -169,6 +173,7 @@ class ExpertCache:
         self._prefetched: set[Key] = set()  # brought in by prefetch, not requested yet
         self._pinned: set[Key] = set()
         self._pin_layer: int | None = None
+        self._asked_layer: int | None = None  # the layer of the last get()/start(): its predictions are resolved
         self._started: dict[Key, bool] = {}  # counted and pinned by start(), not yet taken by get(): was it a miss
         self._uses: list[Key] = []  # start()'s misses taken by get(), their use not yet told to the policy
         self._start_rank: dict[Key, int] = {}  # each key's place in the last start()'s ids
@@ -236,6 +241,10 @@ class ExpertCache:
         if layer != self._pin_layer:
             self._release_locked()
             self._pin_layer = layer
+        if layer != self._asked_layer:
+            if self._asked_layer is not None:
+                self._resolve(self._asked_layer)
+            self._asked_layer = layer
         new = [(layer, e) for e in uniq if (layer, e) not in self._pinned]
         if (len(self._pinned) + len(new)) * nb > self._dev.budget:
             raise BudgetError(
@@ -255,6 +264,7 @@ class ExpertCache:
                     missed.append(key)
                 continue
             st["requests"] += 1
+            self._dev.unhold(key)
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 st["prefetch_useful"] += 1
@@ -318,6 +328,8 @@ class ExpertCache:
                 return
             for e in uniq:
                 key = (layer, e)
+                if layer != self._asked_layer:  # kept until the layer's next get (a get of it now: in use)
+                    self._dev.hold(key)
                 if key in self._dev or key in self._inflight:
                     continue
                 load = self._start(key, demand=False)
@@ -466,6 +478,8 @@ class ExpertCache:
             with self._lock:
                 self._dev.unreserve(nb)
                 self._dev.insert(key, weights, nb)
+                if key in self._prefetched:  # until its layer's next get
+                    self._dev.hold(key)
                 if self.device.type != "cpu":
                     self._stats[key[0]]["h2d_bytes"] += nb
                 self._end(load)
@@ -510,6 +524,16 @@ class ExpertCache:
             load.future.set_exception(e)
         if not load.demand and not isinstance(e, FlashMoeError):
             log.debug("prefetch of layer %d expert %d failed: %s", *load.key, e)
+
+    def _resolve(self, layer: int) -> None:
+        """Under the lock: ``layer``'s gets are over (another layer is asked for): the predictions for them
+        that they did not ask for were wasted, and stop being held on the device."""
+        for key in [k for k in self._dev.held if k[0] == layer]:
+            self._dev.unhold(key)
+        for key in [k for k in self._prefetched if k[0] == layer]:
+            self._prefetched.discard(key)
+            self._stats[layer]["prefetch_wasted"] += 1
+            self._gate.resolved(layer, False)
 
     def _evicted(self, tier: str, key: Key) -> None:
         self._maybe_wasted(key)

@@ -1,4 +1,8 @@
-"""A tier: resident entries by key under a byte budget, its own eviction policy, pins and reservations.
+"""A tier: resident entries by key under a byte budget, its own eviction policy, pins, holds and reservations.
+
+A pinned key is never evicted. A held key (a prefetch not yet asked for) is evicted only when nothing
+else can go: a policy ranks a key it has never seen used below every used one, so without the hold the
+reads a layer waits for would evict the next layer's prefetched experts before they are asked for.
 
 Not thread-safe by itself: the ExpertCache calls it under its lock. Bytes in use = resident + reserved
 (space promised to a copy in progress); ``used <= budget`` always holds.
@@ -14,16 +18,20 @@ from .policy import Key, Policy
 
 
 class _Evictable(AbstractSet):
-    """The resident keys of a tier that are not pinned (what a policy may pick from), without copying."""
+    """The resident keys of a tier that are not pinned (what a policy may pick from), without copying;
+    ``held=False``: nor held."""
 
-    def __init__(self, tier: Tier):
+    def __init__(self, tier: Tier, held: bool):
         self._tier = tier
+        self._held = held
 
     def __contains__(self, key: object) -> bool:
-        return key in self._tier.entries and key not in self._tier.pins
+        t = self._tier
+        return key in t.entries and key not in t.pins and (self._held or key not in t.held)
 
     def __iter__(self) -> Iterator[Key]:
-        return (k for k in self._tier.entries if k not in self._tier.pins)
+        t = self._tier
+        return (k for k in t.entries if k not in t.pins and (self._held or k not in t.held))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -39,12 +47,14 @@ class Tier:
         self.policy = policy
         self.entries: dict[Key, tuple[Any, int]] = {}
         self.pins: dict[Key, int] = {}
+        self.held: set[Key] = set()  # resident keys evicted only when nothing else can go
         self.resident = 0  # bytes of the entries
         self.reserved = 0  # bytes promised to copies in progress
         self.pinned_resident = 0  # bytes of the entries that are pinned
         self.peak = 0
         self._on_evict = on_evict
-        self._evictable = _Evictable(self)
+        self._evictable = _Evictable(self, held=False)
+        self._evictable_held = _Evictable(self, held=True)
 
     @property
     def used(self) -> int:
@@ -76,10 +86,19 @@ class Tier:
             if key in self.entries:
                 self.pinned_resident -= self.entries[key][1]
 
+    def hold(self, key: Key) -> None:
+        """Keep resident ``key`` until ``unhold`` unless nothing else can make room."""
+        if key in self.entries:
+            self.held.add(key)
+
+    def unhold(self, key: Key) -> None:
+        self.held.discard(key)
+
     # --- space -----------------------------------------------------------------------------
 
     def make_room(self, nbytes: int) -> bool:
-        """Evict (policy's choice, never a pinned key) until ``nbytes`` more fit; False if they cannot."""
+        """Evict (policy's choice, never a pinned key, a held one only when no other is left) until ``nbytes``
+        more fit; False if they cannot."""
         if nbytes > self.budget:
             return False
         if self.used + nbytes <= self.budget:
@@ -87,7 +106,8 @@ class Tier:
         if self.reserved + self.pinned_resident + nbytes > self.budget:
             return False
         while self.used + nbytes > self.budget:
-            self.evict(self.policy.victim(self._evictable))
+            free = next(iter(self._evictable), None) is not None  # held and pinned keys are few: found at once
+            self.evict(self.policy.victim(self._evictable if free else self._evictable_held))
         return True
 
     def reserve(self, nbytes: int) -> None:
@@ -112,6 +132,7 @@ class Tier:
         if key in self.pins:
             raise AssertionError(f"{self.name} tier: policy chose pinned key {key}")
         _, nb = self.entries.pop(key)
+        self.held.discard(key)
         self.resident -= nb
         self.policy.on_evict(key)
         if self._on_evict is not None:
@@ -123,4 +144,5 @@ class Tier:
             self.resident -= nb
             self.policy.on_evict(key)
         self.pins.clear()
+        self.held.clear()
         self.pinned_resident = 0

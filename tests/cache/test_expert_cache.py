@@ -256,6 +256,44 @@ def test_useless_prefetch_is_counted_wasted(store):
         assert_consistent(s)
 
 
+@pytest.mark.parametrize("policy", ["lfu", "lfru"])
+def test_prefetched_experts_survive_the_reads_before_their_layer(store, policy):
+    # the device holds two layers' worth; layer 2's prediction is in before layer 1's misses make room: a
+    # never-used key is every one of these policies' first victim, so without the hold layer 1's misses
+    # would evict layer 2's prefetch and its get would read it again
+    dev, host, used = sizes(store)
+    with ExpertCache(store, device_budget=2 * used * dev, host_budget=used * host, policy=policy) as cache:
+        cache.get(0, range(used))
+        cache.prefetch(2, range(used))
+        assert cache.wait_idle()
+        cache.get(1, range(used))
+        before = cache.stats()["layers"][2]
+        for w in cache.get(2, range(used)):
+            assert_same(w, store.read(2, w.expert))
+        s = cache.stats()
+        assert s["layers"][2]["device_hits"] - before["device_hits"] == used
+        assert s["layers"][2]["prefetch_useful"] == used and s["layers"][2]["prefetch_wasted"] == 0
+        assert s["total"]["disk_bytes"] == 3 * used * store.expert_read_nbytes(0, 0)
+        assert_consistent(s)
+
+
+def test_a_prediction_its_layer_did_not_ask_for_is_wasted_and_let_go(store):
+    dev, host, used = sizes(store)
+    with ExpertCache(store, device_budget=2 * used * dev, host_budget=used * host, policy="lfru") as cache:
+        cache.get(0, range(used))
+        cache.prefetch(1, range(used, 2 * used))
+        assert cache.wait_idle()
+        cache.get(1, range(used, 2 * used - 1))  # all but one of the prediction
+        assert cache.stats()["layers"][1]["prefetch_wasted"] == 0  # the gets of layer 1 may go on
+        cache.get(2, range(used))  # layer 1 is over: the one it did not ask for was wasted
+        s = cache.stats()
+        assert s["layers"][1]["prefetch_useful"] == used - 1 and s["layers"][1]["prefetch_wasted"] == 1
+        assert s["layers"][1]["prefetch_pending"] == 0
+        assert_consistent(s)
+        cache.get(3, range(used))  # ... and no longer held: the lowest-ranked key, evicted first
+        assert (1, 2 * used - 1) not in cache.resident()["device"]
+
+
 def test_budget_too_small_names_the_minimum(store):
     dev, host, used = sizes(store)
     with pytest.raises(BudgetError) as e:

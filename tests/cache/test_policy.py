@@ -173,6 +173,31 @@ class NotAPolicy:
         return None
 
 
+@pytest.mark.parametrize("name", ["lfu", "lfru"])
+def test_a_held_key_is_evicted_only_when_nothing_else_can_go(name):
+    from flashmoe_stream.cache.tiers import Tier
+
+    def tier(hold):
+        t = Tier("t", 3, make_policy(name))
+        for k in (A, B):
+            t.insert(k, None, 1)
+            t.access(k)
+        t.insert(C, None, 1)  # never used: these policies' first victim
+        if hold:
+            t.hold(C)
+        assert t.make_room(1)
+        t.insert(D, None, 1)
+        return t
+
+    assert C not in tier(hold=False)
+    t = tier(hold=True)
+    assert C in t and len(t.entries) == 3
+    t.pin(D)
+    t.pin(next(k for k in (A, B) if k in t))
+    assert t.make_room(1) and C not in t  # the last key that may go
+    assert not t.held
+
+
 def test_user_policy_from_module_colon_class():
     p = make_policy(f"{__name__}:MostRecent", tag="y")
     assert isinstance(p, MostRecent) and p.tag == "y"
