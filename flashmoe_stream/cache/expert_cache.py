@@ -173,7 +173,9 @@ class ExpertCache:
         self._prefetched: set[Key] = set()  # brought in by prefetch, not requested yet
         self._pinned: set[Key] = set()
         self._pin_layer: int | None = None
-        self._asked_layer: int | None = None  # the layer of the last get()/start(): its predictions are resolved
+        # the layer of the last get()/start(); its predictions are resolved when another layer is asked for.
+        # Not _pin_layer: release() between a layer's groups clears that, and the groups are one ask
+        self._asked_layer: int | None = None
         self._started: dict[Key, bool] = {}  # counted and pinned by start(), not yet taken by get(): was it a miss
         self._uses: list[Key] = []  # start()'s misses taken by get(), their use not yet told to the policy
         self._start_rank: dict[Key, int] = {}  # each key's place in the last start()'s ids
