@@ -4,8 +4,11 @@ Decode is teacher-forced with varied random tokens (greedy decoding of a random-
 repeats one token and one expert set, which would make any cache look perfect); the routing's
 variety is reported. Two single-token steps after the prompt run untimed first (the GPU kernels compile
 and, where every expert fits on the GPU, the CUDA graph is captured there). The I/O bound is the disk's
-raw sequential O_DIRECT bandwidth (measured on the same files just before and again just after decode;
-the mean) divided by the bytes read from disk per decoded token.
+raw sequential O_DIRECT bandwidth divided by the bytes read from disk per decoded token. Shared virtual
+disks drift by 2x within a minute, so the raw bandwidth is sampled all through decode: before it and
+after every chunk of tokens (about 8 chunks), with the decode timer stopped and the cache's reads
+drained; the samples read the model's files on from where the last one stopped (no byte twice, until
+they wrap round), and the bound uses their mean.
 """
 
 from __future__ import annotations
@@ -22,19 +25,19 @@ WARMUP = 2  # single-token steps after the prompt, before decode is timed
 
 def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, policy: str = "lfru",
               prefetch: bool = True, tokens: int = 64, prompt_tokens: int = 16, seed: int = 0,
-              seq_seconds: float = 3.0, warm: bool = False, threads: int = 8,
-              prefetch_ahead: int = 1, graphs: bool = True) -> dict:
+              seq_seconds: float = 1.0, warm: bool = False, threads: int = 8,
+              prefetch_ahead: int = 1, graphs: bool = True, chunks: int = 8) -> dict:
     import torch
 
     from .engine import Engine
-    from .io.bench import _drop_cache, raw_sequential
+    from .io.bench import SequentialSampler, _drop_cache
 
     with Engine.open(model, device=device, vram_cache=vram_cache, ram_cache=ram_cache, policy=policy,
                      prefetch=prefetch, n_ctx=prompt_tokens + WARMUP + tokens + 1, threads=threads,
                      prefetch_ahead=prefetch_ahead, graphs=graphs) as eng:
         files = sorted({r.path for layer in eng.store.layers for r in eng.store.layout(layer, 0).ranges})
-        biggest = max(files, key=lambda p: p.stat().st_size)
-        seq = raw_sequential(biggest, seq_seconds)
+        big = sorted(p for p in set(files) | {eng.store.dense_path} if p.stat().st_size >= 64 << 20)
+        disk = SequentialSampler(big or [max(files, key=lambda p: p.stat().st_size)])
         hbm = _device_bandwidth(eng.device)
         active = _active_bytes_per_token(eng)
         _drop_cache(files)
@@ -54,22 +57,31 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         prefill_s = time.perf_counter() - t0
         for tok in ids[prompt_tokens: prompt_tokens + WARMUP]:  # untimed: kernels compile, a CUDA graph is captured
             eng.model.forward(torch.tensor([tok]), kv, on_route)
+        eng.cache.wait_idle()
+        samples = [disk.sample(seq_seconds)]  # the disk's speed now, just before decode
         before = eng.cache.stats()["total"]
-        t0 = time.perf_counter()
-        for tok in ids[prompt_tokens + WARMUP:]:
-            eng.model.forward(torch.tensor([tok]), kv, on_route)
-        if eng.device.type == "cuda":
-            torch.cuda.synchronize(eng.device)
-        decode_s = time.perf_counter() - t0
+        decode_s, per_chunk = 0.0, []
+        todo = ids[prompt_tokens + WARMUP:]
+        size = -(-len(todo) // max(1, min(chunks, len(todo))))
+        for c in range(0, len(todo), size):
+            b = eng.cache.stats()["total"]["disk_bytes"]
+            t0 = time.perf_counter()
+            for tok in todo[c: c + size]:
+                eng.model.forward(torch.tensor([tok]), kv, on_route)
+            if eng.device.type == "cuda":
+                torch.cuda.synchronize(eng.device)
+            dt = time.perf_counter() - t0
+            decode_s += dt
+            read = eng.cache.stats()["total"]["disk_bytes"] - b  # (not what finishes after the timer)
+            eng.cache.wait_idle()  # untimed: the few reads still running at the end of a token, then the disk
+            samples.append(disk.sample(seq_seconds))
+            raw_here = (samples[-2]["gb_per_s"] + samples[-1]["gb_per_s"]) / 2
+            per_chunk.append(read / dt / 1e9 / raw_here)
         routes: dict[int, set] = {}
         for layer, r in seen:
             routes.setdefault(layer, set()).update(tuple(sorted(x)) for x in r.tolist())
         after = eng.cache.stats()["total"]
-        eng.cache.wait_idle()
-        # shared virtual disks drift within minutes: the raw bandwidth is measured again after decode and
-        # the bound uses the mean of both
-        seq_after = raw_sequential(biggest, seq_seconds)
-    raw = (seq["gb_per_s"] + seq_after["gb_per_s"]) / 2
+    raw = float(np.mean([s["gb_per_s"] for s in samples]))
     d = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
     miss_per_tok = d["disk_bytes"] / tokens
     bound = raw * 1e9 / miss_per_tok if miss_per_tok else float("inf")
@@ -85,10 +97,15 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         "prefill": {"tokens": prompt_tokens, "seconds": round(prefill_s, 3)},
         "decode": {"tokens": tokens, "seconds": round(decode_s, 3), "tok_per_s": round(tok_s, 3)},
         "disk_raw_sequential_gb_per_s": round(raw, 4),
-        "disk_raw_sequential_before_after_gb_per_s": [seq["gb_per_s"], seq_after["gb_per_s"]],
+        "disk_raw_sequential_samples_gb_per_s": [s["gb_per_s"] for s in samples],
+        "disk_raw_sequential_files": samples[0]["file"],
         "miss_bytes_per_token": int(miss_per_tok),
         "io_bound_tok_per_s": round(bound, 3),
         "ratio_to_io_bound": round(tok_s / bound, 3) if bound != float("inf") else None,
+        # each chunk's read bandwidth over the raw bandwidth sampled just before and just after it: the
+        # median is the ratio least moved by the disk's drift
+        "ratio_to_io_bound_per_chunk": [round(r, 3) for r in per_chunk],
+        "ratio_to_io_bound_chunk_median": round(float(np.median(per_chunk)), 3) if per_chunk else None,
         "device_hit_rate": rate("device_hits", "device_misses"),
         "host_hit_rate": rate("host_hits", "host_misses"),
         "prefetch_recall": d["prefetch_useful"] / d["requests"] if d["requests"] else None,
@@ -158,19 +175,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the same tokens once, untimed, first (measures decode with a filled cache)")
     p.add_argument("--no-graphs", action="store_true",
                    help="decode eagerly even when every expert fits on the GPU (no CUDA graph)")
+    p.add_argument("--disk-sample-seconds", type=float, default=1.0, metavar="S",
+                   help="length of each raw-disk sample, taken before decode and after each of 8 chunks of it "
+                        "(default 1)")
     p.add_argument("--json", action="store_true")
 
 
 def run(a: argparse.Namespace) -> int:
     r = bench_run(a.model, a.device, a.vram_cache, a.ram_cache, a.policy, not a.no_prefetch, a.tokens,
-                  a.prompt_tokens, warm=a.warm,
+                  a.prompt_tokens, warm=a.warm, seq_seconds=a.disk_sample_seconds,
                   threads=a.io_threads, prefetch_ahead=a.prefetch_ahead, graphs=not a.no_graphs)
     if a.json:
         print(json.dumps(r, indent=2))
     else:
         print(f"decode {r['decode']['tok_per_s']:.2f} tok/s; I/O bound {r['io_bound_tok_per_s']:.2f} tok/s "
               f"({r['disk_raw_sequential_gb_per_s']:.2f} GB/s ÷ {r['miss_bytes_per_token'] / 1e6:.1f} MB missed per "
-              f"token) → ratio {r['ratio_to_io_bound']}; hits device {r['device_hit_rate']}, host "
+              f"token) → ratio {r['ratio_to_io_bound']} (median of chunks {r['ratio_to_io_bound_chunk_median']}); hits device {r['device_hit_rate']}, host "
               f"{r['host_hit_rate']}; prefetch recall {r['prefetch_recall']}; waited {r['waited_on_io_s']} s on I/O; "
               f"disk busy {r['disk_busy_fraction']} of decode, reading {r['read_gb_per_s_while_busy']} GB/s when busy")
     return 0

@@ -89,7 +89,8 @@ def test_repack_verify_and_bench_io_through_the_main_cli(make_model, tmp_path):
 
 
 def test_bench_run_reports_decode_against_the_io_bound(make_model):
-    r = run("bench", "run", make_model("qwen3moe", "Q8_0"), "--ram-cache", "30%", "--tokens", "6", "--json")
+    r = run("bench", "run", make_model("qwen3moe", "Q8_0"), "--ram-cache", "30%", "--tokens", "6", "--json",
+            "--disk-sample-seconds", "0.05")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["decode"]["tokens"] == 6 and d["decode"]["tok_per_s"] > 0
@@ -99,6 +100,11 @@ def test_bench_run_reports_decode_against_the_io_bound(make_model):
     assert d["distinct_expert_sets_per_layer_min"] >= 4  # teacher-forced tokens route variously
     # reads ran during decode, for at most the decode's time
     assert 0 < d["disk_busy_fraction"] <= 1.05 and d["read_gb_per_s_while_busy"] > 0
+    # the disk is sampled before decode and after each of its chunks (6 tokens: 6 chunks of one)
+    assert len(d["disk_raw_sequential_samples_gb_per_s"]) == 7 and len(d["ratio_to_io_bound_per_chunk"]) == 6
+    assert min(d["disk_raw_sequential_samples_gb_per_s"]) > 0
+    assert d["ratio_to_io_bound_chunk_median"] == sorted(d["ratio_to_io_bound_per_chunk"])[2:4][0] or \
+        min(d["ratio_to_io_bound_per_chunk"]) <= d["ratio_to_io_bound_chunk_median"] <= max(d["ratio_to_io_bound_per_chunk"])
 
 
 def test_the_cli_works_without_the_server_extra(make_model, tmp_path):
