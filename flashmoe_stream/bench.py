@@ -36,8 +36,10 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
                      prefetch=prefetch, n_ctx=prompt_tokens + WARMUP + tokens + 1, threads=threads,
                      prefetch_ahead=prefetch_ahead, graphs=graphs) as eng:
         files = sorted({r.path for layer in eng.store.layers for r in eng.store.layout(layer, 0).ranges})
-        big = sorted(p for p in set(files) | {eng.store.dense_path} if p.stat().st_size >= 64 << 20)
-        disk = SequentialSampler(big or [max(files, key=lambda p: p.stat().st_size)])
+        # the raw disk: the model's big files (a GGUF's shards; a store's dense.gguf, not one expert's file)
+        every = set(files) | {eng.store.dense_path}
+        big = sorted(p for p in every if p.stat().st_size >= 64 << 20)
+        disk = SequentialSampler(big or [max(every, key=lambda p: p.stat().st_size)])
         hbm = _device_bandwidth(eng.device)
         active = _active_bytes_per_token(eng)
         _drop_cache(files)
