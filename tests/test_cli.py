@@ -103,6 +103,8 @@ def test_bench_run_reports_decode_against_the_io_bound(make_model):
     # the disk is sampled before decode and after each of its chunks (6 tokens: 6 chunks of one)
     assert len(d["disk_raw_sequential_samples_gb_per_s"]) == 7 and len(d["ratio_to_io_bound_per_chunk"]) == 6
     assert min(d["disk_raw_sequential_samples_gb_per_s"]) > 0
+    assert len(d["disk_random_expert_reads_gb_per_s"]) == 2 and min(d["disk_random_expert_reads_gb_per_s"]) > 0
+    assert abs(d["ratio_to_random_read_bound"] - d["decode"]["tok_per_s"] / d["random_read_bound_tok_per_s"]) < 0.01
     mid = sorted(d["ratio_to_io_bound_per_chunk"])[2:4]
     assert abs(d["ratio_to_io_bound_chunk_median"] - sum(mid) / 2) <= 0.001
 
