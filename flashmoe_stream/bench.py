@@ -32,7 +32,7 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
     import torch
 
     from .engine import Engine
-    from .io.bench import SequentialSampler, _drop_cache, _one_depth
+    from .io.bench import SequentialSampler, _drop_cache, random_expert_reads
 
     with Engine.open(model, device=device, vram_cache=vram_cache, ram_cache=ram_cache, policy=policy,
                      prefetch=prefetch, n_ctx=prompt_tokens + WARMUP + tokens + 1, threads=threads,
@@ -61,11 +61,10 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         prefill_s = time.perf_counter() - t0
         for tok in ids[prompt_tokens: prompt_tokens + WARMUP]:  # untimed: kernels compile, a CUDA graph is captured
             eng.model.forward(torch.tensor([tok]), kv, on_route)
-        keys = [(layer, e) for layer in eng.store.layers for e in range(eng.store.n_expert)]
         krng = np.random.default_rng(seed + 1)
 
         def random_reads() -> float:  # cold: O_DIRECT, experts drawn from all of the model's
-            return _one_depth(eng.store, keys, threads, 3 * seq_seconds, krng, False)["gb_per_s"]
+            return random_expert_reads(eng.store, threads, 3 * seq_seconds, krng)["gb_per_s"]
 
         eng.cache.wait_idle()
         randoms = [random_reads()]
@@ -117,12 +116,12 @@ def bench_run(model: str, device: str = "cpu", vram_cache=None, ram_cache=None, 
         "ratio_to_io_bound": round(tok_s / bound, 3) if bound != float("inf") else None,
         # each chunk's read bandwidth over the raw bandwidth sampled just before and just after it: the
         # median is the ratio least moved by the disk's drift
+        "ratio_to_io_bound_per_chunk": [round(r, 3) for r in per_chunk],
+        "ratio_to_io_bound_chunk_median": round(float(np.median(per_chunk)), 3) if per_chunk else None,
         # the second yardstick: random whole-expert reads (decode's pattern), before and after decode
         "disk_random_expert_reads_gb_per_s": randoms,
         "random_read_bound_tok_per_s": round(rand_bound, 3) if rand_bound != float("inf") else None,
         "ratio_to_random_read_bound": round(tok_s / rand_bound, 3) if rand_bound != float("inf") else None,
-        "ratio_to_io_bound_per_chunk": [round(r, 3) for r in per_chunk],
-        "ratio_to_io_bound_chunk_median": round(float(np.median(per_chunk)), 3) if per_chunk else None,
         "device_hit_rate": rate("device_hits", "device_misses"),
         "host_hit_rate": rate("host_hits", "host_misses"),
         "prefetch_recall": d["prefetch_useful"] / d["requests"] if d["requests"] else None,

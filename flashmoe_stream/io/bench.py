@@ -124,6 +124,13 @@ def _one_depth(store: ExpertStore, keys: list[tuple[int, int]], qd: int, seconds
             "p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
 
 
+def random_expert_reads(store: ExpertStore, queue_depth: int, seconds: float, rng, verify: bool = False) -> dict:
+    """Random whole-expert O_DIRECT reads of ``store`` at ``queue_depth`` for about ``seconds``: ``bench io``'s
+    measure at one queue depth (GB/s, p50/p99 ms)."""
+    keys = [(layer, e) for layer in store.layers for e in range(store.n_expert)]
+    return _one_depth(store, keys, int(queue_depth), seconds, rng, verify)
+
+
 def bench_io(store_path: str | os.PathLike, queue_depths=(1, 2, 4, 8, 16, 32), seconds_per_depth: float = 3.0,
              cold: bool = True, verify: bool = False, seed: int = 0) -> dict:
     """Random whole-expert reads per queue depth (GB/s, p50/p99 ms) beside raw sequential O_DIRECT GB/s."""
