@@ -9,7 +9,7 @@ m=/tmp/m; mkdir -p $m
 python3 -m flashmoe_stream synth --preset qwen3-235b-a22b --layers ${LAYERS:-12} --qtype Q4_K_M -o $m/q.gguf --json > $OUT/synth.json 2>&1
 f=$(ls $m/*.gguf | head -1)
 [ -z "${NO_PROFILE:-}" ] && $PY tools/gpu_profile.py $f 2>&1 | grep "^{" | head -${PROFILE_LINES:-14}
-show() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], r['decode']['tok_per_s'], 'mem bound', r['memory_bound_tok_per_s'], r['ratio_to_memory_bound'], 'io', r['io_bound_tok_per_s'], r['ratio_to_io_bound'], 'hits', r['device_hit_rate'], r['host_hit_rate'], 'recall', r['prefetch_recall'], 'wait', r['waited_on_io_s'], 'busy', r['disk_busy_fraction'], r['read_gb_per_s_while_busy'], 'chunks', r['ratio_to_io_bound_chunk_median'], 'disk', r['disk_raw_sequential_samples_gb_per_s'])" $1 || tail -5 ${1%.json}.err; }
+show() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], r['decode']['tok_per_s'], 'mem bound', r['memory_bound_tok_per_s'], r['ratio_to_memory_bound'], 'io', r['io_bound_tok_per_s'], r['ratio_to_io_bound'], 'hits', r['device_hit_rate'], r['host_hit_rate'], 'recall', r['prefetch_recall'], 'wait', r['waited_on_io_s'], 'busy', r['disk_busy_fraction'], r['read_gb_per_s_while_busy'], 'chunks', r['ratio_to_io_bound_chunk_median'], 'random-read ratio', r['ratio_to_random_read_bound'], 'disk', r['disk_raw_sequential_samples_gb_per_s'])" $1 || tail -5 ${1%.json}.err; }
 for g in "" "--no-graphs"; do
   $PY -m flashmoe_stream bench run $f --device cuda --vram-cache 100% --ram-cache 4G --warm --tokens 64 $g --json > $OUT/vram$g.json 2> $OUT/vram$g.err; show $OUT/vram$g.json
 done
