@@ -72,25 +72,32 @@ for name, qt, shape, P in CASES:
     xd = (x8[0].double().view(P, -1, 32) * x8[1].double()[:, :, None]).view(P, -1)
     ref = torch.stack([quant.dequantize(pool[p * n:(p + 1) * n], qt, shape).double() @ xd[p] for p in range(P)])
     tunes = Q4 if qt == Q.Q4_K else Q6
-    res = []
+    # the same weights in the planar layout (quant._triton.to_planar), for the one-superblock-a-thread tunes
+    planar = torch.cat([_triton.to_planar(w, qt, shape) for w in pool.view(-1, n)])
+    res, res_planar = [], []
     for t in tunes:
         sbs = shape[1] // 256
         if t[2] > sbs or sbs % t[2] or len(t) > 3 and t[3] > 2 * sbs:
             continue
-        try:
-            y = _triton.gemv_pairs(x, pool, offs[0], xrows, qt, shape, tune=t, x8=x8)
-            err = float((y.double() - ref).norm() / ref.norm())
-            us = graph_us(lambda t=t: [_triton.gemv_pairs(x, pool, o, xrows, qt, shape, tune=t, x8=x8)
-                                       for o in offs], copies)
-        except Exception as e:  # noqa: BLE001 - a shape the compiler rejects
-            print(json.dumps({"case": name, "tune": t, "error": str(e)[:100]}), flush=True)
-            continue
-        res.append((round(us, 2), t, round(P * n / us / 1e3), f"{err:.1e}"))
+        for lay, src, out in ((False, pool, res), (True, planar, res_planar)):
+            if lay and len(t) < 4:
+                continue
+            try:
+                y = _triton.gemv_pairs(x, src, offs[0], xrows, qt, shape, tune=t, x8=x8, planar=lay)
+                err = float((y.double() - ref).norm() / ref.norm())
+                us = graph_us(lambda t=t, src=src, lay=lay: [
+                    _triton.gemv_pairs(x, src, o, xrows, qt, shape, tune=t, x8=x8, planar=lay) for o in offs], copies)
+            except Exception as e:  # noqa: BLE001 - a shape the compiler rejects
+                print(json.dumps({"case": name, "tune": t, "planar": lay, "error": str(e)[:100]}), flush=True)
+                continue
+            out.append((round(us, 2), t, round(P * n / us / 1e3), f"{err:.1e}"))
     res.sort()
+    res_planar.sort()
     d = _triton.config(qt.name, shape[0], shape[1], P)
     print(json.dumps({"case": name, "type": qt.name, "MB": round(P * n / 1e6, 2), "copies": copies,
                       "best": res[:5], "default": [r for r in res if r[1] == d],
-                      "best_per_layout": [next((r for r in res if len(r[1]) == k), None) for k in (3, 4)]}),
+                      "best_per_layout": [next((r for r in res if len(r[1]) == k), None) for k in (3, 4)],
+                      "planar_best": res_planar[:4]}),
           flush=True)
     if res:
         best[f"{qt.name}:{shape[0]}:{shape[1]}:{P}"] = res[0][1]

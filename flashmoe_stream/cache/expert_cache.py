@@ -38,6 +38,7 @@ import torch
 
 from ..errors import BudgetError, FlashMoeError, UnsupportedError
 from ..io import ExpertBlob, ExpertStore, Reader
+from ..quant import planar_for, to_planar
 from .policy import Key, make_policy
 from .prefetch import PrefetchGate
 from .tiers import Tier
@@ -56,6 +57,7 @@ class WeightBlock:
     data: torch.Tensor
     qtype: Any  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]
+    planar: bool = False  # data is in quant.to_planar's layout (what the GPU kernels read fastest)
 
     @property
     def nbytes(self) -> int:
@@ -502,7 +504,10 @@ class ExpertCache:
                 src = _as_tensor(b.data)
                 dst = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
                 dst.copy_(src, non_blocking=True)
-                blocks[name] = WeightBlock(dst, b.qtype, tuple(b.shape))
+                planar = len(b.shape) == 2 and planar_for(b.qtype, self.device)
+                if planar:  # rearranged on the device, in the copy's stream
+                    dst = to_planar(dst, b.qtype, tuple(b.shape))
+                blocks[name] = WeightBlock(dst, b.qtype, tuple(b.shape), planar)
         if self._stream is not None:
             self._stream.record_event().synchronize()  # the host bytes may be evicted after this
         else:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..quant import (NATIVE_ROWS, QTensor, act_rounding, as_qtype, dequantize, fused_gemv_pairs, fused_supported,
-                     qbmm)
+from ..quant import (NATIVE_ROWS, QTensor, act_rounding, as_qtype, dequantize, from_planar, fused_gemv_pairs,
+                     fused_supported, qbmm)
 
 
 # --- llama.cpp's numerics ------------------------------------------------------------------------
@@ -179,7 +179,8 @@ def _stacked(blocks: list, dtype: torch.dtype) -> torch.Tensor:
 
     One decode over all of them (a handful of large kernels instead of a handful per expert)."""
     b0 = blocks[0]
-    raw = b0.data if len(blocks) == 1 else torch.cat([b.data for b in blocks])
+    parts = [from_planar(b.data, b.qtype, b.shape) if getattr(b, "planar", False) else b.data for b in blocks]
+    raw = parts[0] if len(parts) == 1 else torch.cat(parts)
     return dequantize(raw, b0.qtype, (len(blocks), *b0.shape), dtype)
 
 
@@ -296,7 +297,8 @@ def _fused_experts(hd: torch.Tensor, weights: torch.Tensor, flat: np.ndarray, ne
         b = b0[name]
         if llama_numerics and act_for(b.qtype) is not None:
             x = act_for(b.qtype)(x)
-        return fused_gemv_pairs(x, base, offs[part], xrows[part], b.qtype, b.shape, aligned)
+        return fused_gemv_pairs(x, base, offs[part], xrows[part], b.qtype, b.shape, aligned,
+                                planar=getattr(b, "planar", False))
 
     if b0["gate"].qtype == b0["up"].qtype:
         gu = proj(hd, slice(0, 2 * P), "gate")

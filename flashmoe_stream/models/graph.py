@@ -123,20 +123,22 @@ class _FusedStep:
 
         m, c = self.model, self.cfg
         k = c.n_expert_used
-        (tg, sg), (tu, su), (td, sd) = (types[n] for n in _NAMES)
+        (tg, sg, pg), (tu, su, pu), (td, sd, pd) = (types[n] for n in _NAMES)
         h1 = self.h.view(1, -1)
         x8 = self.x8h
-        if tg == tu:
-            gu = fused_gemv_pairs(h1, base, offs[:2 * k], self.xrows_gu, tg, sg, aligned, x8=x8)
+        if tg == tu and pg == pu:
+            gu = fused_gemv_pairs(h1, base, offs[:2 * k], self.xrows_gu, tg, sg, aligned, x8=x8, planar=pg)
         else:
             x8 = x8 or fused_quantize_q8(h1)
-            gu = torch.cat([fused_gemv_pairs(h1, base, offs[j * k:(j + 1) * k], self.xrows_gu[:k], t, sh, aligned, x8=x8)
-                            for j, (t, sh) in enumerate(((tg, sg), (tu, su)))])
+            gu = torch.cat([fused_gemv_pairs(h1, base, offs[j * k:(j + 1) * k], self.xrows_gu[:k], t, sh, aligned, x8=x8,
+                                             planar=pl)
+                            for j, (t, sh, pl) in enumerate(((tg, sg, pg), (tu, su, pu)))])
         if self.act is None:
             self.act = torch.zeros(k, sd[1], dtype=m.dtype, device=self.device)
             self.x8act = fused_q8_buffers(k, sd[1], self.device) if sd[1] % 32 == 0 else None
         K.silu_mul(gu, self.act, x8=self.x8act)
-        y = fused_gemv_pairs(self.act, base, offs[2 * k:], self.xrows_down, td, sd, aligned, x8=self.x8act)
+        y = fused_gemv_pairs(self.act, base, offs[2 * k:], self.xrows_down, td, sd, aligned, x8=self.x8act,
+                             planar=pd)
         nxt = m.attn[i + 1].norm if i + 1 < c.n_layer else m.out_norm
         K.add_norm(self.x_in.view(-1), y, self.weights[i], nxt, c.rms_eps, self.h, x8=self.x8h)
 
@@ -155,7 +157,7 @@ class GraphDecode(_FusedStep):
         self.experts = experts  # referenced: the addresses in the tables stay valid
         first = experts[min(experts)][0].blocks
         self.base = first["gate"].data
-        self.types = {n: (b.qtype, b.shape) for n, b in first.items()}
+        self.types = {n: (b.qtype, b.shape, b.planar) for n, b in first.items()}
         addrs = np.array([[[e.blocks[n].data.data_ptr() for e in experts[i]] for n in _NAMES]
                           for i in range(c.n_layer)], dtype=np.int64)  # [L, 3, n_expert]
         self.aligned = not (addrs % 16).any()
@@ -227,7 +229,7 @@ class StreamDecode(_FusedStep):
         self._wback = torch.zeros(k, dtype=torch.float32, pin_memory=True)
         self._offs_host = torch.zeros(c.n_layer, 3 * k, dtype=torch.int64, pin_memory=True)
         self._copied = [torch.cuda.Event() for _ in range(c.n_layer)]  # the last copy of _offs_host[i] read it
-        self.types: dict[int, dict] = {}  # per layer: name -> (qtype, shape) of its experts' blocks
+        self.types: dict[int, dict] = {}  # per layer: name -> (qtype, shape, planar) of its experts' blocks
         self.graphs: list | None = None  # embedding, (routing, experts) per layer, head; once captured
         self.logits = None
         self._steps = 0
@@ -318,7 +320,7 @@ class StreamDecode(_FusedStep):
             self._copied[i].record()
             if i not in self.types:
                 b = got[0].blocks
-                self.types[i] = {n: (b[n].qtype, b[n].shape) for n in _NAMES}
+                self.types[i] = {n: (b[n].qtype, b[n].shape, b[n].planar) for n in _NAMES}
             if (addrs % 16).any():  # the graphs' kernels take aligned blocks only
                 self._experts(i, self.offs[i], self.base, self.types[i], False)
             else:

@@ -167,6 +167,7 @@ from ._qtensor import QTensor  # noqa: E402
 from ._triton import gemv_pairs as fused_gemv_pairs, q8_buffers as fused_q8_buffers  # noqa: E402
 from ._triton import quantize_q8 as fused_quantize_q8  # noqa: E402
 from ._triton import supports as fused_supported  # noqa: E402
+from ._triton import from_planar, planar_for, to_planar  # noqa: E402 - the GPU kernels' weight layout
 
 # a Triton helper for GPU kernels that write a GEMV's input: a row's groups of 32 rounded to 8 bits as
 # fused_quantize_q8 rounds them (models/_fused.py); None without Triton
@@ -178,4 +179,4 @@ small_ops_on_one_thread = _cpu.small_ops_on_one_thread  # torch on one thread, t
 
 
 __all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_q8_buffers", "fused_q8_groups", "fused_quantize_q8",
-            "fused_supported", "native_supported", "small_ops_on_one_thread"]
+            "fused_supported", "from_planar", "native_supported", "planar_for", "small_ops_on_one_thread", "to_planar"]

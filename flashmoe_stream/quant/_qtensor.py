@@ -2,7 +2,8 @@
 
 A decode step multiplies a few rows by every weight once: on GPUs a fused kernel reads the blocks
 directly (``_triton``), on the CPU a native one (``_qdot.c``, through ``qmatmul``); for many rows (a
-prompt), or where no kernel takes the type, the weight is dequantised on use.
+prompt), or where no kernel takes the type, the weight is dequantised on use. On GPUs the K-quant blocks
+are kept in ``_triton.to_planar``'s layout (``planar``), which the fused kernels read faster.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ FUSED_ROWS = 8  # up to this many rows of x go through the fused kernel; more ar
 
 class QTensor:
     """``raw`` (1-D uint8, the blocks), ``qtype``, ``shape`` [N, K] (torch order) and ``dtype``, the float
-    type it stands for (what ``dequantize`` and ``matmul`` return)."""
+    type it stands for (what ``dequantize`` and ``matmul`` return). Where ``_triton.planar_for`` says so,
+    ``raw`` is replaced by its planar copy (``planar`` True); ``dequantize`` and ``rows`` undo it."""
 
     def __init__(self, raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtype):
         from . import as_qtype, nbytes
@@ -28,6 +30,9 @@ class QTensor:
             raise ValueError(f"QTensor needs 2-D {self.qtype.name} blocks, got shape {self.shape}, {raw.numel()} B")
         self.device = raw.device
         self.fused = _triton.supports(self.qtype, self.device) and raw.data_ptr() % 2 == 0
+        self.planar = self.fused and _triton.planar_for(self.qtype, self.device)
+        if self.planar:
+            self.raw = _triton.to_planar(raw, self.qtype, self.shape)
         self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows → (weight offsets, row ids)
 
     def __repr__(self) -> str:
@@ -36,14 +41,21 @@ class QTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         from . import dequantize
 
-        return dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype)
+        return dequantize(self.blocks(), self.qtype, self.shape, dtype or self.dtype)
+
+    def blocks(self) -> torch.Tensor:
+        """The GGUF blocks (a copy where ``raw`` is planar)."""
+        return _triton.from_planar(self.raw, self.qtype, self.shape) if self.planar else self.raw
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` dequantised (an embedding lookup): [*ids.shape, K] in ``dtype``."""
         from . import dequantize
 
         N, K = self.shape
-        sel = self.raw.view(N, -1)[ids.reshape(-1)]
+        if self.planar:
+            sel = _triton.planar_rows(self.raw, self.qtype, self.shape, ids.reshape(-1))
+        else:
+            sel = self.raw.view(N, -1)[ids.reshape(-1)]
         return dequantize(sel.reshape(-1), self.qtype, (sel.shape[0], K), self.dtype).view(*ids.shape, K)
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None, round_acts: bool = False,
@@ -57,7 +69,8 @@ class QTensor:
         T = x2.shape[0]
         if self.fused and 0 < T <= FUSED_ROWS:
             offs, xrows = self._pair_tables(T)
-            y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape, x8=x8)  # float32
+            y = _triton.gemv_pairs(x2, self.raw, offs, xrows, self.qtype, self.shape, x8=x8,
+                                   planar=self.planar)  # float32
         elif self.device.type == "cpu":
             from . import qmatmul
 

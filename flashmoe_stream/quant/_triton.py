@@ -34,7 +34,7 @@ except ImportError:  # CPU-only torch builds ship no Triton
     triton = None
 
 
-def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, ...]:
+def config(name: str, N: int, K: int, P: int, q8: bool = True, planar: bool = False) -> tuple[int, ...]:
     """(rows per program, warps, K-quant superblocks per step[, lanes]): the fastest of sweeps
     on an H200 for the Qwen3-235B shapes, timed inside CUDA graphs (tools/gpu_gemv_sweep.py;
     docs/BENCHMARKS.md). On 8-bit activations, few rows a program over many superblocks a step: more reads
@@ -43,6 +43,12 @@ def config(name: str, N: int, K: int, P: int, q8: bool = True) -> tuple[int, ...
     superblocks of a row at once, masked past a row's end): they win on the head (Q6_K, 13 %), the experts'
     down (K 1536: Q4_K 6-11 %, Q6_K 5 %) and o (K 8192: 2 %)."""
     sbs = K // 256
+    if planar:  # to_planar's layout, one superblock a thread (the sweep's best on every shape measured)
+        if name == "Q6_K":
+            return 4, 1, 1, 8  # the head 136 µs (GGUF layout 212), the experts' down 14.5 (22.8)
+        if sbs % 8:
+            return 16, 1, 1, 2  # the experts' down at K 1536: 11.8 µs (13.7)
+        return (2, 1, 1, 16) if N * P <= 1024 else (4, 2, 1, 16)  # q 9.5 (10.6), o 9.5 (11.2), gate+up 24.6 (26.5)
     if name in ("Q4_K", "Q5_K"):
         if not q8:  # float activations (weights not 16-byte aligned)
             return (8, 2, 2) if P >= 8 else (8, 4, 4)
@@ -264,16 +270,16 @@ if triton is not None:
 
     @triton.jit
     def _q4k_chunk(blk3, w1, w2, w3, i: tl.constexpr, xa, xa2, xh, xh2, dl, dh, sl_x, sh_x, accd, accm,
-                   Q5: tl.constexpr, ASM: tl.constexpr):
+                   Q5: tl.constexpr, PSW: tl.constexpr, ASM: tl.constexpr):
         """One row's chunk i (sub-blocks 2i, 2i + 1) of its superblock, for _q4_k_q8_lanes_kernel: adds to the
-        scale and min sums."""
-        QW: tl.constexpr = 12 if Q5 else 4  # where the nibbles start
+        scale and min sums. PSW: words from one 16-byte piece of a block to the next (4, or a plane's)."""
+        QP: tl.constexpr = 3 if Q5 else 1  # the piece where the nibbles start
         zero = tl.zeros(blk3.shape, dtype=tl.int32)
-        qa = tl.load(blk3 + (QW + 8 * i))  # [BN, SL, 4]: words 8i..8i+3, then 8i+4..
-        qb = tl.load(blk3 + (QW + 8 * i + 4))
+        qa = tl.load(blk3 + (QP + 2 * i) * PSW)  # [BN, SL, 4]: words 8i..8i+3 of the nibbles, then 8i+4..
+        qb = tl.load(blk3 + (QP + 2 * i + 1) * PSW)
         if Q5:  # qh word j: the 5th bits of chunk i's words j at bit 2i (low) and 2i + 1 (high)
-            ha = tl.load(blk3 + 4)
-            hb = tl.load(blk3 + 8)
+            ha = tl.load(blk3 + PSW)
+            hb = tl.load(blk3 + 2 * PSW)
             la = (qa & 0x0F0F0F0F) | (((ha >> (2 * i)) & 0x01010101) << 4)
             lb = (qb & 0x0F0F0F0F) | (((hb >> (2 * i)) & 0x01010101) << 4)
             ua = ((qa >> 4) & 0x0F0F0F0F) | (((ha >> (2 * i + 1)) & 0x01010101) << 4)
@@ -294,7 +300,7 @@ if triton is not None:
     @triton.jit
     def _q4_k_q8_lanes_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s,
                               stride_y, BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SL: tl.constexpr,
-                              ASM: tl.constexpr):
+                              PSW: tl.constexpr, ASM: tl.constexpr):
         # As _q4_k_q8_kernel, one superblock a thread: over [rows BN, superblocks SL], each thread reads its
         # block in 16-byte pieces, cuts its scales once and sums its 256 products in registers, so nothing is
         # shuffled between threads until the row's last sum. Chunk i (32 bytes, words 8i..8i+7) holds the
@@ -311,7 +317,10 @@ if triton is not None:
             sbk = sb0 + s  # [1, SL]
             live = sbk < K // 256  # threads past the row's end read its last block and add nothing
             sbk = tl.minimum(sbk, K // 256 - 1)
-            blk = (row0[:, None] + sbk * (4 * BW)).to(tl.pointer_type(tl.int32))  # [BN, SL]
+            if PSW == 4:  # the GGUF layout: blocks one after another
+                blk = (row0[:, None] + sbk * (4 * BW)).to(tl.pointer_type(tl.int32))  # [BN, SL]
+            else:  # planar (see to_planar): piece j of superblock i at 16 i + 4 PSW j, rows of K // 256 superblocks
+                blk = (row0[:, None] + sbk * 16).to(tl.pointer_type(tl.int32))
             w1 = tl.load(blk + 1)
             w2 = tl.load(blk + 2)
             w3 = tl.load(blk + 3)
@@ -332,7 +341,7 @@ if triton is not None:
                 sl_x = dl * (tl.load(xsr + 2 * g) + tl.load(xsr + 2 * g + 1))
                 sh_x = dh * (tl.load(xsr + 2 * g + 2) + tl.load(xsr + 2 * g + 3))
                 accd, accm = _q4k_chunk(blk[:, :, None] + v4, w1, w2, w3, i, xa, xa2, xh, xh2, dl, dh, sl_x, sh_x,
-                                        accd, accm, Q5, ASM)
+                                        accd, accm, Q5, PSW, ASM)
             w0 = tl.load(blk)
             d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -532,6 +541,85 @@ if triton is not None:
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
     @triton.jit
+    def _split4(v):
+        """[BN, SL, 4] -> its four [BN, SL] parts (as [.., 2, 2]: each split takes the last axis)."""
+        v02, v13 = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], 2, 2]))
+        v0, v2 = tl.split(v02)
+        v1, v3 = tl.split(v13)
+        return v0, v1, v2, v3
+
+    @triton.jit
+    def _pick4(v0, v1, v2, v3, i: tl.constexpr):
+        """v_i, for i known when compiling."""
+        r = v3
+        if i == 0:
+            r = v0
+        elif i == 1:
+            r = v1
+        elif i == 2:
+            r = v2
+        return r
+
+    @triton.jit
+    def _q6_k_q8_planar_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s,
+                               stride_y, BN: tl.constexpr, ALIGN: tl.constexpr, SL: tl.constexpr, PSW: tl.constexpr,
+                               ASM: tl.constexpr):
+        # As _q6_k_q8_lanes_kernel, on the planar layout (see to_planar): one superblock a thread, its 16-byte
+        # pieces 4 PSW bytes apart (ql words 4j..4j+3 in piece j, qh words in pieces 8..11, the scales in 12),
+        # so a warp's loads of one piece are side by side; the fp16 scales d follow the 13 planes, 2 bytes each.
+        # Half h, words j0..j0 + 3 (j0 0 or 4) of ql's A = 16h + j, B = 16h + 8 + j and qh's 32 + 8h + j hold
+        # weights 128h + 32k + 4j.. for k = 0..3: A's low nibbles (k 0), B's (1), A's high (2), B's (3), with qh's
+        # bits 2k, 2k + 1 on top; group of 16 8h + 2k + j0 // 4.
+        p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
+                                                       stride_s, BN, ALIGN)
+        w = base + tl.multiple_of(tl.load(offs + p), ALIGN)
+        s = tl.arange(0, SL)[None, :]  # [1, SL]
+        v4 = tl.arange(0, 4)[None, None, :]
+        zrow = tl.zeros([BN, 1], dtype=tl.int32)
+        sb_row = tl.where(rmask, rows, 0)[:, None].to(tl.int64) * (K // 256)  # [BN, 1]: a row's first superblock
+        acc = tl.zeros([BN, SL], dtype=tl.float32)
+        for sb0 in range(0, K // 256, SL):
+            sbk = sb0 + s
+            live = sbk < K // 256  # threads past the row's end read its last block and add nothing
+            sbk = tl.minimum(sbk, K // 256 - 1)
+            wp = (row0[:, None] + sbk * 16).to(tl.pointer_type(tl.int32))[:, :, None] + v4  # [BN, SL, 4]: piece 0
+            d = tl.load((w + 52 * PSW).to(tl.pointer_type(tl.float16)) + sb_row + sbk).to(tl.float32)
+            sw0, sw1, sw2, sw3 = _split4(tl.load(wp + 12 * PSW))  # the 16 scale bytes
+            xb = xw + (zrow + sbk * 64)[:, :, None] + v4  # [BN, SL, 4]: the superblock's first activation words
+            g16 = zrow + sbk * 16  # its first group of 16
+            acc_s = tl.zeros([BN, SL], dtype=tl.float32)
+            for h in tl.static_range(2):
+                for jq in tl.static_range(2):
+                    a0, a1, a2, a3 = _split4(tl.load(wp + (4 * h + jq) * PSW))
+                    b0, b1, b2, b3 = _split4(tl.load(wp + (4 * h + 2 + jq) * PSW))
+                    h0, h1, h2, h3 = _split4(tl.load(wp + (8 + 2 * h + jq) * PSW))
+                    for k in tl.static_range(4):
+                        x0, x1, x2, x3 = _split4(tl.load(xb + (32 * h + 8 * k + 4 * jq)))
+                        t = tl.zeros([BN, SL], dtype=tl.int32)
+                        for j in tl.static_range(4):
+                            if k % 2 == 0:
+                                lo4 = _pick4(a0, a1, a2, a3, j)
+                            else:
+                                lo4 = _pick4(b0, b1, b2, b3, j)
+                            if k >= 2:
+                                lo4 = lo4 >> 4
+                            hq = _pick4(h0, h1, h2, h3, j)
+                            if k == 0:
+                                hq = hq << 4
+                            elif k == 1:
+                                hq = hq << 2
+                            elif k == 3:
+                                hq = hq >> 2
+                            t = _dp4a_acc((lo4 & 0x0F0F0F0F) | (hq & 0x30303030), _pick4(x0, x1, x2, x3, j), t,
+                                          False, ASM)
+                        gi = 8 * h + 2 * k + jq  # this group of 16: its scale byte gi
+                        sc = ((_pick4(sw0, sw1, sw2, sw3, gi // 4) << (24 - 8 * (gi % 4))) >> 24).to(tl.float32)
+                        xsum = tl.load(xsr + g16 + gi)
+                        acc_s += tl.load(dxr + sbk * 8 + zrow + (4 * h + k)) * (sc * (t.to(tl.float32) - 32.0 * xsum))
+            acc += tl.where(live, d * acc_s, 0.0)
+        tl.store(y + p.to(tl.int64) * stride_y + rows, tl.sum(acc, axis=1), mask=rmask)
+
+    @triton.jit
     def _q8_0_kernel(base, offs, xrows, x, y, N, K, row_bytes, stride_x, stride_y, BN: tl.constexpr,
                      ALIGN: tl.constexpr, NB: tl.constexpr):
         # Q8_0 block (32 weights, 34 bytes): d (fp16), 32 int8. NB blocks of a row per step.
@@ -559,6 +647,63 @@ _TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # dp4a as PTX, or (interpreter) in integer arithmetic
 
 
+PLANAR_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+PLANAR = os.environ.get("FLASHMOE_PLANAR", "1") != "0"  # FLASHMOE_PLANAR=0: the GGUF layout on GPUs too (to compare)
+
+
+def planar_for(qtype, device: torch.device) -> bool:
+    """Whether weights of ``qtype`` are kept on ``device`` in ``to_planar``'s layout: the fused kernels' types
+    that have one, on GPUs that run them (1.1-1.6x faster GEMVs on an H200: docs/BENCHMARKS.md)."""
+    return PLANAR and supports(qtype, device) and getattr(qtype, "name", str(qtype)) in PLANAR_TYPES
+
+
+def _planes(qtype, raw: torch.Tensor, shape) -> tuple[int, int]:
+    """(superblocks, 16-byte pieces a block) of a weight ``shape`` of ``qtype`` held in ``raw``."""
+    name = getattr(qtype, "name", str(qtype))
+    if name not in PLANAR_TYPES:
+        raise ValueError(f"no planar layout for {name}")
+    n_blocks = shape[0] * shape[1] // 256
+    block = GGML_QUANT_SIZES[qtype][1]
+    if raw.numel() != n_blocks * block:
+        raise ValueError(f"{raw.numel()} bytes for a {name} weight of shape {tuple(shape)}")
+    return n_blocks, block // 16
+
+
+def to_planar(raw: torch.Tensor, qtype, shape) -> torch.Tensor:
+    """A weight's GGUF blocks (uint8, one after another) rearranged so that a warp's threads, one superblock
+    each, read side by side: piece j (16 bytes) of every superblock in plane j, the planes one after another
+    (Q4_K 9 planes, Q5_K 11; Q6_K 13, then its 2-byte scales d, one per superblock). The same bytes; the
+    kernels read 16 bytes a thread a step from 512 contiguous bytes a warp instead of 144 or 210 bytes apart."""
+    n, pieces = _planes(qtype, raw, shape)
+    blocks = raw.view(n, -1)
+    planes = blocks[:, :16 * pieces].reshape(n, pieces, 16).transpose(0, 1).reshape(-1)
+    if blocks.shape[1] == 16 * pieces:
+        return planes.contiguous()
+    return torch.cat([planes, blocks[:, 16 * pieces:].reshape(-1)])  # Q6_K: d after the planes
+
+
+def from_planar(planar: torch.Tensor, qtype, shape) -> torch.Tensor:
+    """``to_planar``'s inverse: the GGUF blocks."""
+    n, pieces = _planes(qtype, planar, shape)
+    block = planar.numel() // n
+    head = planar[:n * 16 * pieces].view(pieces, n, 16).transpose(0, 1).reshape(n, 16 * pieces)
+    if block == 16 * pieces:
+        return head.reshape(-1).contiguous()
+    return torch.cat([head, planar[n * 16 * pieces:].view(n, block - 16 * pieces)], dim=1).reshape(-1)
+
+
+def planar_rows(planar: torch.Tensor, qtype, shape, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a planar weight as GGUF blocks: [len(ids), a row's bytes] uint8."""
+    n, pieces = _planes(qtype, planar, shape)
+    sbs = shape[1] // 256
+    block = planar.numel() // n
+    head = planar[:n * 16 * pieces].view(pieces, shape[0], sbs, 16)[:, ids]  # [pieces, T, sbs, 16]
+    rows = head.permute(1, 2, 0, 3).reshape(len(ids), sbs, 16 * pieces)
+    if block > 16 * pieces:
+        rows = torch.cat([rows, planar[n * 16 * pieces:].view(shape[0], sbs, block - 16 * pieces)[ids]], dim=2)
+    return rows.reshape(len(ids), -1)
+
+
 def supports(qtype, device: torch.device) -> bool:
     return triton is not None and device.type == "cuda" and getattr(qtype, "name", str(qtype)) in _TYPES
 
@@ -584,7 +729,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
                aligned: bool = True, tune: tuple[int, ...] | None = None, q8: bool = True,
-               x8: tuple | None = None) -> torch.Tensor:
+               x8: tuple | None = None, planar: bool = False) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).
 
@@ -595,6 +740,7 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     The caller keeps the weights alive until the kernel has run. ``tune``: (rows per program, warps,
     superblocks per step[, lanes]) instead of ``config``'s choice (see there). ``x8``: ``quantize_q8(x)``, where the caller
     has it already (the same x meets several weights); used where this call takes 8-bit activations.
+    ``planar``: the weights are in ``to_planar``'s layout (Q4_K, Q5_K, Q6_K; one superblock a thread).
     """
     N, K = shape
     P = offs.numel()
@@ -607,9 +753,24 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     align = 16 if aligned and base.data_ptr() % 16 == 0 else 2
     name = qtype.name
     q8 = q8 and (align == 16 and name in ("Q4_K", "Q5_K") or name == "Q6_K")
-    bn, warps, sb, *lanes = config(name, N, K, P, q8) if tune is None else tune
+    bn, warps, sb, *lanes = config(name, N, K, P, q8, planar) if tune is None else tune
     lanes = lanes[0] if lanes else 0  # one superblock a thread, lanes superblocks of a row at once
     grid = (triton.cdiv(N, bn), P)
+    if planar:
+        if name not in PLANAR_TYPES or align != 16 or not lanes:
+            raise ValueError(f"planar {name} weights need 16-byte alignment and a tune with lanes, got {align}, "
+                             f"{(bn, warps, sb, lanes)}")
+        xq, dx, xs = x8 or quantize_q8(x)
+        sbs = K // 256
+        psw = N * sbs * 4  # int32 words from one plane to the next
+        args = (base, offs, xrows, xq, dx, xs, y, N, K, sbs * 16, xq.stride(0), dx.stride(0), xs.stride(0),
+                y.stride(0))
+        if name == "Q6_K":
+            _q6_k_q8_planar_kernel[grid](*args, BN=bn, ALIGN=16, SL=lanes, PSW=psw, ASM=_ASM, num_warps=warps)
+        else:
+            _q4_k_q8_lanes_kernel[grid](*args, BN=bn, ALIGN=16, Q5=name == "Q5_K", SL=lanes, PSW=psw, ASM=_ASM,
+                                        num_warps=warps)
+        return y
     if name == "Q6_K" and q8 and lanes:
         xq, dx, xs = x8 or quantize_q8(x)
         _q6_k_q8_lanes_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0), dx.stride(0),
@@ -627,7 +788,7 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
             xq, dx, xs = x8 or quantize_q8(x)
             _q4_k_q8_lanes_kernel[grid](base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, xq.stride(0),
                                         dx.stride(0), xs.stride(0), y.stride(0), BN=bn, ALIGN=align,
-                                        Q5=name == "Q5_K", SL=lanes, ASM=_ASM, num_warps=warps)
+                                        Q5=name == "Q5_K", SL=lanes, PSW=4, ASM=_ASM, num_warps=warps)
             return y
         if q8:
             xq, dx, xs = x8 or quantize_q8(x)

@@ -6,6 +6,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from flashmoe_stream import quant
 from flashmoe_stream.cache import ExpertCache, ExpertWeights
 from flashmoe_stream.errors import BudgetError, FlashMoeError, StoreError
 from flashmoe_stream.io import ExpertStore, Reader, repack
@@ -30,7 +31,10 @@ def assert_same(w: ExpertWeights, blob):
     for name, b in blob.blocks.items():
         got = w[name]
         assert got.data.dtype == torch.uint8 and got.data.dim() == 1
-        assert got.data.cpu().numpy().tobytes() == bytes(memoryview(b.data)), name
+        # on GPUs the K-quant matrices are kept in the fused kernels' planar layout: the same bytes, moved
+        assert got.planar == (len(b.shape) == 2 and quant.planar_for(b.qtype, got.data.device))
+        data = quant.from_planar(got.data, b.qtype, b.shape) if got.planar else got.data
+        assert data.cpu().numpy().tobytes() == bytes(memoryview(b.data)), name
         assert got.qtype == b.qtype and got.shape == tuple(b.shape)
 
 

@@ -116,6 +116,60 @@ def test_one_superblock_a_thread_kernels_equal_dequantize_then_matmul(qtype, tun
         assert (y[p].double() - want).norm() / want.norm() < 1e-5, p
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_planar_layout_puts_piece_j_of_every_superblock_in_plane_j(qtype):
+    """to_planar: byte b of 16-byte piece j of superblock i lands at 16 (j n + i) + b (n superblocks); Q6_K's
+    last two bytes (d) after the 13 planes, 2 i on; from_planar gives the blocks back."""
+    from flashmoe_stream.quant import _triton
+
+    shape = (6, 768)
+    raw = _blocks(qtype, shape, 3)
+    block = quant.block_size(qtype)[1]
+    n = raw.numel() // block
+    got = _triton.to_planar(raw, qtype, shape)
+    assert got.shape == raw.shape
+    blocks = raw.view(n, block)
+    for i in (0, 1, n - 1):
+        for j in range(block // 16):
+            assert torch.equal(got[16 * (j * n + i):16 * (j * n + i) + 16], blocks[i, 16 * j:16 * j + 16])
+        if block % 16:
+            at = block // 16 * 16 * n + 2 * i
+            assert torch.equal(got[at:at + 2], blocks[i, -2:])
+    assert torch.equal(_triton.from_planar(got, qtype, shape), raw)
+    ids = torch.tensor([4, 0, 4, 5])
+    assert torch.equal(_triton.planar_rows(got, qtype, shape, ids), raw.view(shape[0], -1)[ids])
+    with pytest.raises(ValueError):
+        _triton.to_planar(raw[:-16], qtype, shape)
+    with pytest.raises(ValueError):
+        _triton.to_planar(raw, Q.Q8_0, shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+@pytest.mark.parametrize("tune", [(2, 1, 1, 16), (8, 4, 1, 16), (16, 1, 1, 2), (4, 1, 1, 8)])
+@pytest.mark.parametrize("shape", [(40, 4096), (300, 768), (36, 1536)])
+def test_planar_kernels_equal_dequantize_then_matmul(qtype, tune, shape):
+    """The kernels on to_planar's layout, two weights at two 16-byte aligned offsets of one pool, each pair
+    against its own input row."""
+    from flashmoe_stream.quant import _triton
+
+    dev = torch.device("cuda")
+    n = quant.nbytes(qtype, shape)
+    weights = [_blocks(qtype, shape, seed) for seed in range(2)]
+    at = [16, 16 + n + (-n) % 16]
+    pool = torch.zeros(at[1] + n, dtype=torch.uint8)
+    for a, w in zip(at, weights):
+        pool[a:a + n] = _triton.to_planar(w, qtype, shape)
+    pool = pool.to(dev)
+    x = torch.randn(3, shape[1], device=dev)
+    offs = torch.tensor([at[1], at[0], at[1]], dtype=torch.int64, device=dev)
+    rows = torch.tensor([2, 0, 1], device=dev)
+    y = _triton.gemv_pairs(x, pool, offs, rows, qtype, shape, tune=tune, planar=True)
+    for p, (w, r) in enumerate(zip([1, 0, 1], [2, 0, 1])):
+        want = _ref(x[r: r + 1], weights[w].to(dev), qtype, shape)[0]
+        assert (y[p].double() - want).norm() / want.norm() < 1e-5, p
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", FUSED)
 @pytest.mark.parametrize("T", [1, 5, 40])  # fused rows, and a prompt (dequantised on use)
