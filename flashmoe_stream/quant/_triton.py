@@ -16,8 +16,10 @@ are summed by one integer instruction (dp4a); converting every weight to float w
 float kernels (a quarter-rate instruction per weight). ``q8=False`` keeps float activations.
 
 Two layouts of the work: the first kernels spread a block's words over neighbouring threads (reads side
-by side, sums shuffled between threads); the ``lanes`` kernels give each thread one superblock (reads 144
-or 210 bytes apart, nothing shuffled until a row's last sum). ``config`` picks per shape, from sweeps.
+by side, sums shuffled between threads); the ``lanes`` kernels give each thread one superblock (nothing
+shuffled until a row's last sum). ``config`` picks per shape, from sweeps. On the GGUF layout a lanes
+kernel's threads read 144 or 210 bytes apart; on ``to_planar``'s layout, which the runtime keeps K-quant
+weights in on GPUs (``planar_for``), side by side: 1.1-1.6x faster on an H200.
 """
 
 from __future__ import annotations
