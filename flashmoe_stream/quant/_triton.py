@@ -677,21 +677,20 @@ def to_planar(raw: torch.Tensor, qtype, shape) -> torch.Tensor:
     (Q4_K 9 planes, Q5_K 11; Q6_K 13, then its 2-byte scales d, one per superblock). The same bytes; the
     kernels read 16 bytes a thread a step from 512 contiguous bytes a warp instead of 144 or 210 bytes apart."""
     n, pieces = _planes(qtype, raw, shape)
-    blocks = raw.view(n, -1)
-    planes = blocks[:, :16 * pieces].reshape(n, pieces, 16).transpose(0, 1).reshape(-1)
-    if blocks.shape[1] == 16 * pieces:
-        return planes.contiguous()
-    return torch.cat([planes, blocks[:, 16 * pieces:].reshape(-1)])  # Q6_K: d after the planes
+    blocks, out = raw.view(n, -1), torch.empty_like(raw)  # written in place: twice the weight's memory at most
+    out[:n * 16 * pieces].view(pieces, n, 16).copy_(blocks[:, :16 * pieces].view(n, pieces, 16).transpose(0, 1))
+    out[n * 16 * pieces:].view(n, -1).copy_(blocks[:, 16 * pieces:])  # Q6_K: d after the planes
+    return out
 
 
 def from_planar(planar: torch.Tensor, qtype, shape) -> torch.Tensor:
     """``to_planar``'s inverse: the GGUF blocks."""
     n, pieces = _planes(qtype, planar, shape)
-    block = planar.numel() // n
-    head = planar[:n * 16 * pieces].view(pieces, n, 16).transpose(0, 1).reshape(n, 16 * pieces)
-    if block == 16 * pieces:
-        return head.reshape(-1).contiguous()
-    return torch.cat([head, planar[n * 16 * pieces:].view(n, block - 16 * pieces)], dim=1).reshape(-1)
+    out = torch.empty_like(planar)
+    blocks = out.view(n, -1)
+    blocks[:, :16 * pieces].view(n, pieces, 16).copy_(planar[:n * 16 * pieces].view(pieces, n, 16).transpose(0, 1))
+    blocks[:, 16 * pieces:].copy_(planar[n * 16 * pieces:].view(n, -1))
+    return out
 
 
 def planar_rows(planar: torch.Tensor, qtype, shape, ids: torch.Tensor) -> torch.Tensor:
