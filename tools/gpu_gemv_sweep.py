@@ -5,8 +5,10 @@ usage: python3 tools/gpu_gemv_sweep.py [CASE,...] [--write BEST.json]
 Random weights (moderate fp16 scales), as many copies of each as keep L2 from serving the reads; one
 graph replays one launch per copy, so Python's launch cost is not timed. Every block shape's output is
 checked against a float64 product of the dequantised weights before it is timed. Prints one JSON line a
-case: bytes per call, the copy bandwidth measured in the same run, the best shapes and the default's.
-``--write``: the best shape per case as JSON, for tools/with_tunes.py.
+case: bytes per call, the copy bandwidth measured in the same run, the best shapes and the default's, on the
+GGUF layout and (one-superblock-a-thread tunes) on the planar copy of the same weights (quant.to_planar, the
+layout the runtime uses on GPUs). ``--write``: the best shape per case and layout as JSON, for
+tools/with_tunes.py.
 """
 import json
 import math
@@ -88,19 +90,24 @@ for name, qt, shape, P in CASES:
                 us = graph_us(lambda t=t, src=src, lay=lay: [
                     _triton.gemv_pairs(x, src, o, xrows, qt, shape, tune=t, x8=x8, planar=lay) for o in offs], copies)
             except Exception as e:  # noqa: BLE001 - a shape the compiler rejects
-                print(json.dumps({"case": name, "tune": t, "planar": lay, "error": str(e)[:100]}), flush=True)
+                dp = _triton.config(qt.name, *shape, P, planar=True)
+    print(json.dumps({"case": name, "tune": t, "planar": lay, "error": str(e)[:100]}), flush=True)
                 continue
             out.append((round(us, 2), t, round(P * n / us / 1e3), f"{err:.1e}"))
     res.sort()
     res_planar.sort()
     d = _triton.config(qt.name, shape[0], shape[1], P)
+    dp = _triton.config(qt.name, *shape, P, planar=True)
     print(json.dumps({"case": name, "type": qt.name, "MB": round(P * n / 1e6, 2), "copies": copies,
                       "best": res[:5], "default": [r for r in res if r[1] == d],
                       "best_per_layout": [next((r for r in res if len(r[1]) == k), None) for k in (3, 4)],
-                      "planar_best": res_planar[:4]}),
+                      "planar_best": res_planar[:4],
+                      "planar_default": [r for r in res_planar if r[1] == dp]}),
           flush=True)
     if res:
         best[f"{qt.name}:{shape[0]}:{shape[1]}:{P}"] = res[0][1]
+    if res_planar:
+        best[f"planar:{qt.name}:{shape[0]}:{shape[1]}:{P}"] = res_planar[0][1]
 if write:
     with open(write, "w") as f:
         json.dump(best, f, indent=1)
