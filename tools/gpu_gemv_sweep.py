@@ -90,14 +90,13 @@ for name, qt, shape, P in CASES:
                 us = graph_us(lambda t=t, src=src, lay=lay: [
                     _triton.gemv_pairs(x, src, o, xrows, qt, shape, tune=t, x8=x8, planar=lay) for o in offs], copies)
             except Exception as e:  # noqa: BLE001 - a shape the compiler rejects
-                dp = _triton.config(qt.name, *shape, P, planar=True)
-    print(json.dumps({"case": name, "tune": t, "planar": lay, "error": str(e)[:100]}), flush=True)
+                print(json.dumps({"case": name, "tune": t, "planar": lay, "error": str(e)[:100]}), flush=True)
                 continue
             out.append((round(us, 2), t, round(P * n / us / 1e3), f"{err:.1e}"))
     res.sort()
     res_planar.sort()
     d = _triton.config(qt.name, shape[0], shape[1], P)
-    dp = _triton.config(qt.name, *shape, P, planar=True)
+    dp = _triton.config(qt.name, shape[0], shape[1], P, planar=True)
     print(json.dumps({"case": name, "type": qt.name, "MB": round(P * n / 1e6, 2), "copies": copies,
                       "best": res[:5], "default": [r for r in res if r[1] == d],
                       "best_per_layout": [next((r for r in res if len(r[1]) == k), None) for k in (3, 4)],
