@@ -516,6 +516,9 @@ class ExpertCache:
 
     def _end(self, load: _Load) -> None:
         """A load is over (under the lock): forget it, unpin its host entry, wake waiters."""
+        # the read's future holds the blob and, through its done-callback, this load: a cycle that kept each
+        # read buffer alive, past both tiers' budgets, until Python's cyclic GC ran
+        load.read = None
         if load.host_pinned:
             self._host.unpin(load.key)
             load.host_pinned = False

@@ -1,5 +1,7 @@
+import gc
 import random
 import threading
+import weakref
 from collections import Counter
 from concurrent.futures import Future
 
@@ -160,6 +162,42 @@ def test_host_tier_serves_what_the_device_tier_evicted(store):
         assert s["layers"][0]["host_hits"] == 2 and s["layers"][0]["device_misses"] == 4
         assert s["total"]["host_hits"] + s["total"]["host_misses"] == s["total"]["device_misses"]
         assert_consistent(s)
+
+
+class _RecordingReader(Reader):
+    """A Reader that keeps a weak reference to the buffer of every expert it has read."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.buffers: dict = {}
+
+    def submit(self, layer, expert, *args, **kw):
+        fut = super().submit(layer, expert, *args, **kw)
+        if fut is not None:
+            fut.add_done_callback(lambda f, k=(layer, expert): self.buffers.setdefault(k, weakref.ref(
+                f.result().buffer)))
+        return fut
+
+
+def test_an_evicted_expert_frees_its_read_buffer_at_once(store):
+    """Once both tiers have dropped an expert, its read buffer is freed by reference counting, not left to
+    Python's cyclic GC (a read's future and its load referred to each other: the buffers of a whole token's
+    reads stayed mapped until a collection, and the next reads page-faulted through fresh ones)."""
+    dev, host, used = sizes(store)
+    gc.collect()
+    gc.disable()
+    try:
+        with _RecordingReader(store, threads=2) as r, \
+                ExpertCache(store, device_budget=used * dev, host_budget=used * host, policy="lru", reader=r) as cache:
+            cache.get(0, [0, 1])
+            for layer in store.layers[1:]:  # layer 0 leaves both tiers
+                cache.get(layer, [0, 1])
+            cache.wait_idle()
+            assert not {(0, 0), (0, 1)} & (cache.resident()["device"] | cache.resident()["host"])
+            assert r.buffers[(0, 0)]() is None and r.buffers[(0, 1)]() is None
+            assert r.buffers[(store.layers[-1], 0)]() is not None  # (still cached: the check can fail)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "layer-aware"])
