@@ -177,16 +177,9 @@ def _active_bytes_per_token(eng) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a GGUF (any shard) or an expert store")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or xpu (default cpu)")
-    p.add_argument("--vram-cache", metavar="SIZE", help="device-tier budget: 8G, 512M or 10%% of the expert bytes "
-                   "(default: 80%% of free device memory)")
-    p.add_argument("--ram-cache", metavar="SIZE", help="RAM-tier budget (default: half the available RAM)")
-    p.add_argument("--policy", default="lfru", help="eviction policy: lru, lfu, lfru, layer-aware, predictive or "
-                   "module:Class (default lfru)")
-    p.add_argument("--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts")
+    """This bench's own options; the CLI adds the engine's (device, budgets, policy, prefetch, I/O threads)."""
     p.add_argument("--tokens", type=int, default=64, help="decoded tokens, teacher-forced (default 64)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="random prompt tokens before decode (default 16)")
-    p.add_argument("--io-threads", type=int, default=8, help="parallel disk reads (default 8)")
     p.add_argument("--prefetch-ahead", type=int, default=1, metavar="N",
                    help="after each attention, predict and prefetch the next N layers' experts (default 1)")
     p.add_argument("--warm", action="store_true",

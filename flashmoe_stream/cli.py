@@ -484,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as bench_run_arguments
 
     bench_run_arguments(s)
+    _engine_arguments(s)
     s.set_defaults(fn=cmd_bench_run)
     s = bench.add_parser("serve", parents=[common], help="load test of the server: concurrent streamed chat "
                                                          "requests on loopback, throughput and p50/p99 latency",
