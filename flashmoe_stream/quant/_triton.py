@@ -467,36 +467,49 @@ if triton is not None:
         return _prmt(tl.load(wp + k), nxt, sel, ASM)
 
     @triton.jit
+    def _split4(v):
+        """[BN, SL, 4] -> its four [BN, SL] parts (as [.., 2, 2]: each split takes the last axis)."""
+        v02, v13 = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], 2, 2]))
+        v0, v2 = tl.split(v02)
+        v1, v3 = tl.split(v13)
+        return v0, v1, v2, v3
+
+    @triton.jit
+    def _pick4(v0, v1, v2, v3, i: tl.constexpr):
+        """v_i, for i known when compiling."""
+        r = v3
+        if i == 0:
+            r = v0
+        elif i == 1:
+            r = v1
+        elif i == 2:
+            r = v2
+        return r
+
+    @triton.jit
+    def _q6_quarter(lo, hi, k: tl.constexpr):
+        """Q6_K: the four 6-bit values of quarter k (0..3) packed in a ql word ``lo`` (low nibbles for k 0, 1;
+        high for 2, 3) and a qh word ``hi`` (bits 2k, 2k + 1 of each byte), as four bytes."""
+        if k >= 2:
+            lo = lo >> 4
+        if k == 0:
+            hi = hi << 4
+        elif k == 1:
+            hi = hi << 2
+        elif k == 3:
+            hi = hi >> 2
+        return (lo & 0x0F0F0F0F) | (hi & 0x30303030)
+
+    @triton.jit
     def _q6_dot4(wp, sel, odd, xb, h: tl.constexpr, k: tl.constexpr, j0: tl.constexpr, ASM: tl.constexpr):
         """The integer dot of 16 six-bit weights (half h, quarter k, words j0..j0 + 3) with their activations."""
         t = tl.zeros(odd.shape, dtype=tl.int32)
-        # the four activation words in one 16-byte load, cut apart in registers ([.., 4] as [.., 2, 2]: each
-        # split takes the last axis, so the first gives words (0, 2) and (1, 3))
-        xv = tl.load(xb[:, :, None] + (32 * h + 8 * k + j0) + tl.arange(0, 4)[None, None, :])
-        x02, x13 = tl.split(tl.reshape(xv, [xv.shape[0], xv.shape[1], 2, 2]))
-        x0, x2 = tl.split(x02)
-        x1, x3 = tl.split(x13)
+        # the four activation words in one 16-byte load, cut apart in registers
+        x0, x1, x2, x3 = _split4(tl.load(xb[:, :, None] + (32 * h + 8 * k + j0) + tl.arange(0, 4)[None, None, :]))
         for j in tl.static_range(j0, j0 + 4):
-            lo4 = _word6(wp, sel, odd, 16 * h + 8 * (k % 2) + j, ASM)
-            if k >= 2:
-                lo4 = lo4 >> 4
-            hq = _word6(wp, sel, odd, 32 + 8 * h + j, ASM)
-            if k == 0:
-                hq = hq << 4
-            elif k == 1:
-                hq = hq << 2
-            elif k == 3:
-                hq = hq >> 2
-            v = (lo4 & 0x0F0F0F0F) | (hq & 0x30303030)
-            if j % 4 == 0:
-                xj = x0
-            elif j % 4 == 1:
-                xj = x1
-            elif j % 4 == 2:
-                xj = x2
-            else:
-                xj = x3
-            t = _dp4a_acc(v, xj, t, False, ASM)
+            lo = _word6(wp, sel, odd, 16 * h + 8 * (k % 2) + j, ASM)
+            hi = _word6(wp, sel, odd, 32 + 8 * h + j, ASM)
+            t = _dp4a_acc(_q6_quarter(lo, hi, k), _pick4(x0, x1, x2, x3, j % 4), t, False, ASM)
         return t
 
     @triton.jit
@@ -543,26 +556,6 @@ if triton is not None:
         tl.store(y + p.to(tl.int64) * stride_y + rows, out, mask=rmask)
 
     @triton.jit
-    def _split4(v):
-        """[BN, SL, 4] -> its four [BN, SL] parts (as [.., 2, 2]: each split takes the last axis)."""
-        v02, v13 = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], 2, 2]))
-        v0, v2 = tl.split(v02)
-        v1, v3 = tl.split(v13)
-        return v0, v1, v2, v3
-
-    @triton.jit
-    def _pick4(v0, v1, v2, v3, i: tl.constexpr):
-        """v_i, for i known when compiling."""
-        r = v3
-        if i == 0:
-            r = v0
-        elif i == 1:
-            r = v1
-        elif i == 2:
-            r = v2
-        return r
-
-    @triton.jit
     def _q6_k_q8_planar_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s,
                                stride_y, BN: tl.constexpr, ALIGN: tl.constexpr, SL: tl.constexpr, PSW: tl.constexpr,
                                ASM: tl.constexpr):
@@ -603,17 +596,8 @@ if triton is not None:
                                 lo4 = _pick4(a0, a1, a2, a3, j)
                             else:
                                 lo4 = _pick4(b0, b1, b2, b3, j)
-                            if k >= 2:
-                                lo4 = lo4 >> 4
-                            hq = _pick4(h0, h1, h2, h3, j)
-                            if k == 0:
-                                hq = hq << 4
-                            elif k == 1:
-                                hq = hq << 2
-                            elif k == 3:
-                                hq = hq >> 2
-                            t = _dp4a_acc((lo4 & 0x0F0F0F0F) | (hq & 0x30303030), _pick4(x0, x1, x2, x3, j), t,
-                                          False, ASM)
+                            t = _dp4a_acc(_q6_quarter(lo4, _pick4(h0, h1, h2, h3, j), k), _pick4(x0, x1, x2, x3, j),
+                                          t, False, ASM)
                         gi = 8 * h + 2 * k + jq  # this group of 16: its scale byte gi
                         sc = ((_pick4(sw0, sw1, sw2, sw3, gi // 4) << (24 - 8 * (gi % 4))) >> 24).to(tl.float32)
                         xsum = tl.load(xsr + g16 + gi)
