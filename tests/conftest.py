@@ -39,6 +39,18 @@ def llama_cpp():
         if os.environ.get("FLASHMOE_REQUIRE_LLAMA_CPP"):
             raise
         pytest.skip("llama-cpp-python is not installed (pip install -e '.[dev]')")
+    low = llama_cpp.llama_cpp
+    if not getattr(low, "_flashmoe_no_repack", False):
+        # no CPU weight repacking (llama-cli's --no-repack): on CPUs with AMX, llama.cpp moves Q8_0 and other
+        # weights into an AMX buffer type whose ops do not cover every graph (deepseek2 aborts in its scheduler)
+        default = low.llama_model_default_params
+
+        def no_repack():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params, low._flashmoe_no_repack = no_repack, True
     return llama_cpp
 
 

@@ -136,16 +136,19 @@ def _llama_quantized(llama_cpp, make_model, tmp_path, preset, kw):
 
 
 @pytest.mark.parametrize("preset,kw", STRICT, ids=[p for p, _ in STRICT])
-def test_llama_cpp_made_q4_k_m_agrees_but_at_exact_ties(make_model, llama_cpp, tmp_path, preset, kw):
-    """A Q4_K_M made by llama.cpp (not synth's random blocks): every logit within 2 % of the range; the
-    argmax is llama.cpp's wherever llama.cpp's own top two logits are further apart than our difference
-    there (on the V2-Lite shape one position is a tie that close: see the comment above STRICT)."""
+def test_llama_cpp_made_q4_k_m_agrees_but_at_exact_ties(make_model, llama_cpp, tmp_path, preset, kw, monkeypatch):
+    """A Q4_K_M made by llama.cpp (not synth's random blocks): every logit within 2 % of the range, but at
+    a router's near-tie whose other side is within 2 % (one position of 48 on the tiny shape where llama.cpp
+    runs without CPU weight repacking); the argmax is llama.cpp's wherever llama.cpp's own top two logits are
+    further apart than our difference there (on the V2-Lite shape one position is a tie that close: see the
+    comment above STRICT)."""
     path = _llama_quantized(llama_cpp, make_model, tmp_path, preset, kw)
     assert "Q4_K" in {t.qtype.name for t in open_gguf(path).tensors.values()}
     ref = _llama_logits(llama_cpp, path)
     with fms.Engine.open(path, ram_cache="10%") as eng:
+        margins = record_routing_margins(eng)
         ours = eng.logits(TOKENS).numpy()
-    assert np.abs(ours - ref).max() <= 0.02 * (ref.max() - ref.min())
+    assert_within_but_at_near_ties(monkeypatch, path, TOKENS, ours, ref, margins)
     top2 = np.sort(ref, -1)[:, -2:]
     decided = top2[:, 1] - top2[:, 0] > 2 * np.abs(ours - ref).max(-1)
     assert decided.mean() >= 0.8
