@@ -236,6 +236,23 @@ def _make_resident(model, cache, cfg) -> None:
     model.use_resident_experts(experts)
 
 
+_QKV = ("attn_q", "attn_k", "attn_v")
+
+
+def _qkv_chunk(tensors: dict, name: str) -> int | None:
+    """For a layer's q, k or v weight where the three are of one type and width and k's height divides
+    theirs: k's height, the rows per planar chunk that let the three run as one GPU launch (QTensor's
+    ``chunk``; models/graph.py). None otherwise."""
+    part = next((p for p in _QKV if name.endswith(f".{p}.weight")), None)
+    if part is None:
+        return None
+    ts = [tensors.get(name.replace(f".{part}.", f".{p}.")) for p in _QKV]
+    if any(t is None or len(t.shape) != 2 for t in ts) or len({(t.qtype, t.shape[1]) for t in ts}) != 1:
+        return None
+    rows = ts[1].shape[0]
+    return rows if all(t.shape[0] % rows == 0 for t in ts) else None
+
+
 def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict:
     """Every non-expert tensor onto the device: on GPUs the matrices in their GGML blocks (QTensor) where
     a fused kernel multiplies them in place, else dequantised once (norms and routers in float32).
@@ -257,7 +274,7 @@ def _load_dense(model, dev: torch.device, dtype: torch.dtype) -> dict:
         keep_f32 = len(t.shape) == 1 or name.endswith("ffn_gate_inp.weight")
         cpu_ok = dev.type == "cpu" and native_supported(t.qtype)
         if not keep_f32 and len(t.shape) == 2 and (fused_supported(t.qtype, dev) or cpu_ok):
-            out[name] = QTensor(raw, t.qtype, t.shape, dtype)
+            out[name] = QTensor(raw, t.qtype, t.shape, dtype, chunk=_qkv_chunk(model.tensors, name))
         else:
             out[name] = dequantize(raw, t.qtype, t.shape, torch.float32 if keep_f32 else dtype)
     return out

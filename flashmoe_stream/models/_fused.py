@@ -4,6 +4,8 @@ Torch runs a layer's small steps for one token as ~80 kernels of a few microseco
 alone is six); here each is one launch: residual add + RMSNorm, q/k-norm + RoPE + the KV-cache write,
 attention of one token over the cache, top-k routing (with the experts' weight offsets looked up for
 the fused GEMV kernels), and SiLU(gate) * up. Float32 arithmetic throughout, as the eager path's.
+On Hopper and later they launch with programmatic dependent launch (quant._triton.pdl_for): each waits for
+the kernel before it in ``gdc`` first, which lets its launch overlap that kernel's end.
 Imported only where Triton is (CUDA builds of torch).
 """
 
@@ -13,14 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant import _triton
 from ..quant import fused_q8_groups as _q8_groups
+from ..quant._triton import gdc as _gdc, pdl_options, prefetch_l2 as _prefetch_l2
 
 
 @triton.jit
 def _add_norm_kernel(x, d, dw, nw, h, hf, xq, dx, xs, E, eps, ND: tl.constexpr, HAS_W: tl.constexpr,
-                     OUT_F: tl.constexpr, Q8: tl.constexpr, BE: tl.constexpr):
+                     OUT_F: tl.constexpr, Q8: tl.constexpr, BE: tl.constexpr, PDL: tl.constexpr = False):
     # x += sum_j dw[j] * d[j] (ND rows; weight 1 without HAS_W), then h = RMSNorm(x) * nw (and with Q8, h
     # rounded to 8 bits per 32 for the GEMVs that take it: quantize_q8 of h, without its launch)
+    _gdc(PDL)
     offs = tl.arange(0, BE)
     m = offs < E
     v = tl.load(x + offs, mask=m, other=0.0)
@@ -54,14 +59,16 @@ def add_norm(x: torch.Tensor, d: torch.Tensor | None, dw: torch.Tensor | None, n
     xq, dx, xs = x8 or (x, x, x)
     _add_norm_kernel[(1,)](x, x if d is None else d, x if dw is None else dw, nw, h, x if hf is None else hf,
                            xq, dx, xs, E, eps, ND=nd, HAS_W=dw is not None, OUT_F=hf is not None,
-                           Q8=x8 is not None, BE=max(32, triton.next_power_of_2(E)), num_warps=8)
+                           Q8=x8 is not None, BE=max(32, triton.next_power_of_2(E)), num_warps=8,
+                           **pdl_options(_triton.pdl_for(x.device)))
 
 
 @triton.jit
 def _qk_rope_kernel(q, k, v, qn, kn, cos, sin, pos, kc, vc, qo, H, HKV, eps, D: tl.constexpr, NORM: tl.constexpr,
-                    NEOX: tl.constexpr):
+                    NEOX: tl.constexpr, PDL: tl.constexpr = False):
     # program = one head: q heads (RMSNorm, RoPE, to qo), then k heads (the same, into the cache at pos,
     # with the head's v beside it)
+    _gdc(PDL)
     hd = tl.program_id(0)
     p = tl.load(pos)
     half = tl.arange(0, D // 2)
@@ -100,14 +107,16 @@ def qk_rope(q, k, v, qn, kn, cos, sin, pos, kc, vc, qo, eps: float, neox: bool) 
     HKV, D = kc.shape[1], kc.shape[2]
     H = q.numel() // D
     _qk_rope_kernel[(H + HKV,)](q, k, v, q if qn is None else qn, k if kn is None else kn, cos, sin, pos, kc, vc,
-                                qo, H, HKV, eps, D=D, NORM=qn is not None, NEOX=neox, num_warps=1)
+                                qo, H, HKV, eps, D=D, NORM=qn is not None, NEOX=neox, num_warps=1,
+                                **pdl_options(_triton.pdl_for(q.device)))
 
 
 @triton.jit
 def _attend_kernel(q, kc, vc, pos, out, xq, dx, xs, HKV, scale, GROUP: tl.constexpr, D: tl.constexpr,
-                   BT: tl.constexpr, Q8: tl.constexpr):
+                   BT: tl.constexpr, Q8: tl.constexpr, PDL: tl.constexpr = False):
     # program = one q head, over positions 0..pos of its KV head, with an online softmax; with Q8 its
     # output also rounded to 8 bits per 32 (D a multiple of 32) for the output projection
+    _gdc(PDL)
     h = tl.program_id(0)
     g = h // GROUP
     p = tl.load(pos)
@@ -145,14 +154,19 @@ def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tenso
     H = q.numel() // D
     xq, dx, xs = x8 or (out, out, out)
     _attend_kernel[(H,)](q, kc, vc, pos, out, xq, dx, xs, HKV, D ** -0.5, GROUP=H // HKV, D=D, BT=32,
-                         Q8=x8 is not None, num_warps=4)
+                         Q8=x8 is not None, num_warps=4, **pdl_options(_triton.pdl_for(q.device)))
 
 
 @triton.jit
-def _router_kernel(h, w, out, NE, E, stride_w, BR: tl.constexpr, BK: tl.constexpr):
-    # out[r] = sum_e w[r, e] * h[e], BR rows a program
+def _router_kernel(h, w, out, NE, E, stride_w, BR: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+    # out[r] = sum_e w[r, e] * h[e], BR rows a program; under PDL the rows' first BK weights are prefetched
+    # before the wait (the router is resident)
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = r < NE
+    if PDL:
+        kp = tl.minimum(tl.arange(0, BK // 32) * 32, E - 1)  # one address a 32 weights (128 bytes in float32)
+        _prefetch_l2(w + tl.minimum(r, NE - 1).to(tl.int64)[:, None] * stride_w + kp[None, :])
+    _gdc(PDL)
     acc = tl.zeros([BR, BK], tl.float32)
     for k0 in range(0, E, BK):
         k = k0 + tl.arange(0, BK)
@@ -168,13 +182,15 @@ def router_logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.
     NE, E = w.shape
     w = w if w.stride(1) == 1 else w.contiguous()
     bk = min(triton.next_power_of_2(E), 4096)
-    _router_kernel[(NE,)](h, w, out, NE, E, w.stride(0), BR=1, BK=bk, num_warps=4)
+    _router_kernel[(NE,)](h, w, out, NE, E, w.stride(0), BR=1, BK=bk, num_warps=4,
+                          **pdl_options(_triton.pdl_for(h.device)))
     return out
 
 
 @triton.jit
 def _route_kernel(logits, table, ids, wts, offs, NE, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
-                  BE: tl.constexpr):
+                  BE: tl.constexpr, PDL: tl.constexpr = False):
+    _gdc(PDL)
     # softmax over the experts, the K largest (lowest id first among equals) gathered into vectors, their
     # weights (renormalised over the K with NORM), and each one's gate, up and down offsets from table
     # [3, NE]: the loads and stores are one vector each, not one per expert
@@ -208,11 +224,13 @@ def route_topk(logits: torch.Tensor, table: torch.Tensor, k: int, norm: bool, id
     [3k] int64: the chosen experts' gate, then up, then down byte offsets from ``table`` [3, NE]."""
     NE = logits.numel()
     _route_kernel[(1,)](logits, table, ids, wts, offs, NE, K=k, KP=triton.next_power_of_2(k), NORM=norm,
-                        BE=triton.next_power_of_2(NE), num_warps=1)
+                        BE=triton.next_power_of_2(NE), num_warps=1, **pdl_options(_triton.pdl_for(logits.device)))
 
 
 @triton.jit
-def _silu_mul_kernel(gu, out, xq, dx, xs, F, K, stride_q, stride_d, stride_s, BF: tl.constexpr, Q8: tl.constexpr):
+def _silu_mul_kernel(gu, out, xq, dx, xs, F, K, stride_q, stride_d, stride_s, BF: tl.constexpr, Q8: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    _gdc(PDL)
     r = tl.program_id(0)
     f = tl.program_id(1) * BF + tl.arange(0, BF)
     m = f < F
@@ -232,4 +250,5 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor, x8: tuple | None = None) -> No
     k, F = out.shape
     xq, dx, xs = x8 or (out, out, out)
     _silu_mul_kernel[(k, triton.cdiv(F, 1024))](gu, out, xq, dx, xs, F, k, xq.stride(0), dx.stride(0), xs.stride(0),
-                                                BF=1024, Q8=x8 is not None, num_warps=4)
+                                                BF=1024, Q8=x8 is not None, num_warps=4,
+                                                **pdl_options(_triton.pdl_for(gu.device)))

@@ -1,8 +1,8 @@
 """One-token decode steps on a CUDA GPU from fused kernels (qwen3moe, llama-with-experts).
 
-Each layer is about fifteen launches (models/_fused.py: residual add + RMSNorm, q/k-norm + RoPE + the
-KV-cache write, attention, routing, SiLU * up; the fused GEMV kernels for the matmuls, their input
-rounded to 8 bits once for q, k and v). Attention reads the position from the device and loops over
+Each layer is about a dozen launches (models/_fused.py: residual add + RMSNorm, q/k-norm + RoPE + the
+KV-cache write, attention, routing, SiLU * up; the fused GEMV kernels for the matmuls, q, k and v in one
+where their planar chunks allow, engine._qkv_chunk). Attention reads the position from the device and loops over
 the filled part of the cache, so nothing depends on the length filled. Two ways to run them:
 
 * ``GraphDecode``, when the device tier holds the whole model: nothing needs to be fetched, so the host
@@ -20,6 +20,7 @@ the filled part of the cache, so nothing depends on the length filled. Two ways 
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 
 import numpy as np
@@ -31,6 +32,7 @@ from .common import fused_supported_for, mm, rope_angles
 log = logging.getLogger(__name__)
 
 _NAMES = ("gate", "up", "down")
+FUSE_QKV = os.environ.get("FLASHMOE_FUSE_QKV", "1") != "0"  # FLASHMOE_FUSE_QKV=0: q, k and v in three launches
 
 
 def _proj(x: torch.Tensor, w, x8=None) -> torch.Tensor:
@@ -80,6 +82,18 @@ class _FusedStep:
         self.logit = torch.zeros(c.n_expert, dtype=torch.float32, device=dev)  # a layer's router logits
         self._in_host = torch.zeros(2, dtype=torch.int64, pin_memory=True)
         self._in_copied = torch.cuda.Event()  # recorded after each copy of _in_host
+        self.qkv = [self._qkv_pairs(model.attn[i]) for i in range(c.n_layer)]
+
+    def _qkv_pairs(self, w) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """q's, k's and v's planar chunks as the pairs of one launch (offsets from q's blocks, all on input
+        row 0), where the three are QTensors of one type, width and chunk (engine._qkv_chunk); else None."""
+        ts = [getattr(w, n, None) for n in ("q", "k", "v")]
+        if not FUSE_QKV or not all(isinstance(t, QTensor) and t.planar for t in ts) or \
+                len({(t.qtype, t.chunk, t.shape[1]) for t in ts}) != 1:
+            return None
+        offs = [o for t in ts for o in t.pairs(1, base=ts[0].raw)[0]]
+        return (torch.tensor(offs, dtype=torch.int64, device=self.device),
+                torch.zeros(len(offs), dtype=torch.int32, device=self.device))
 
     @property
     def kv(self):
@@ -108,7 +122,14 @@ class _FusedStep:
         w, f = m.attn[i], m.ffn_w[i]
         h1 = self.h.view(1, -1)
         x8 = self.x8h or fused_quantize_q8(h1)  # q, k and v multiply the same input
-        q, kk, v = (_proj(h1, t, x8) for t in (w.q, w.k, w.v))
+        if self.qkv[i] is not None:  # one launch
+            offs, rows = self.qkv[i]
+            y = fused_gemv_pairs(h1, w.q.raw, offs, rows, w.q.qtype, (w.q.chunk, w.q.shape[1]), x8=x8, planar=True,
+                                 early=True).view(-1)
+            nq, nk = w.q.shape[0], w.k.shape[0]
+            q, kk, v = y[:nq], y[nq:nq + nk], y[nq + nk:]
+        else:
+            q, kk, v = (_proj(h1, t, x8) for t in (w.q, w.k, w.v))
         K.qk_rope(q, kk, v, w.q_norm, w.k_norm, self.cos, self.sin, self.pos, kv.k[i], kv.v[i], self.q, c.rms_eps,
                   c.rope_neox)
         K.attend(self.q, kv.k[i], kv.v[i], self.pos, self.att, x8=self.x8att)

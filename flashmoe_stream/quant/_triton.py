@@ -34,6 +34,10 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only torch builds ship no Triton
     triton = None
+try:  # grid dependency control (Hopper and later; Triton 3.3 and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_wait = None
 
 
 def config(name: str, N: int, K: int, P: int, q8: bool = True, planar: bool = False) -> tuple[int, ...]:
@@ -72,6 +76,24 @@ def config(name: str, N: int, K: int, P: int, q8: bool = True, planar: bool = Fa
 
 
 if triton is not None:
+    @triton.jit
+    def gdc(PDL: tl.constexpr):
+        """Under programmatic dependent launch (``PDL``, see ``pdl_for``): wait until the kernel before in the
+        stream has finished and its writes are visible, then let the next kernel launch (it waits in turn, so
+        each waits for all before it). Every kernel launched with PDL calls this before it reads or writes
+        anything another kernel writes or reads; nothing without PDL."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_l2(p):
+        """Asks for the 128-byte lines at pointers p to be brought into L2: a hint, which holds no registers
+        and waits for nothing. Before ``gdc``, a kernel reads weights it is sure no kernel writes (a model's
+        resident ones) while the kernel before it still runs."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [p], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
     @triton.jit
     def _f16(p):
         """The little-endian fp16 at byte pointers p, as float32."""
@@ -302,16 +324,27 @@ if triton is not None:
     @triton.jit
     def _q4_k_q8_lanes_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s,
                               stride_y, BN: tl.constexpr, ALIGN: tl.constexpr, Q5: tl.constexpr, SL: tl.constexpr,
-                              PSW: tl.constexpr, ASM: tl.constexpr):
+                              PSW: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,
+                              EARLY: tl.constexpr = False):
         # As _q4_k_q8_kernel, one superblock a thread: over [rows BN, superblocks SL], each thread reads its
         # block in 16-byte pieces, cuts its scales once and sums its 256 products in registers, so nothing is
         # shuffled between threads until the row's last sum. Chunk i (32 bytes, words 8i..8i+7) holds the
         # nibbles of sub-blocks 2i (low) and 2i + 1 (high); the high nibbles are multiplied in place
-        # (q & 0xF0 = 16 q, unsigned) and the 16 divided out of the float sum.
+        # (q & 0xF0 = 16 q, unsigned) and the 16 divided out of the float sum. EARLY (PDL, planar): the weight
+        # is resident (its offset and bytes written by no kernel): the first superblocks are prefetched into
+        # L2 before the wait for the kernel before.
+        if not EARLY:
+            gdc(PDL)  # the offsets (a routing) may come from the kernel before
         p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
                                                        stride_s, BN, ALIGN)
         BW: tl.constexpr = 44 if Q5 else 36  # block words
         s = tl.arange(0, SL)[None, :]  # [1, SL]
+        if EARLY:
+            if PDL and PSW != 4:
+                first = row0[:, None] + tl.minimum(s, K // 256 - 1) * 16  # [BN, SL]: piece 0 of each
+                for j in tl.static_range(BW // 4):
+                    prefetch_l2(first + 4 * PSW * j)
+            gdc(PDL)
         v4 = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
         zrow = tl.zeros([BN, 1], dtype=tl.int32)
         acc = tl.zeros([BN, SL], dtype=tl.float32)
@@ -558,13 +591,15 @@ if triton is not None:
     @triton.jit
     def _q6_k_q8_planar_kernel(base, offs, xrows, xq, dx, xs, y, N, K, row_bytes, stride_q, stride_d, stride_s,
                                stride_y, BN: tl.constexpr, ALIGN: tl.constexpr, SL: tl.constexpr, PSW: tl.constexpr,
-                               ASM: tl.constexpr):
+                               ASM: tl.constexpr, PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
         # As _q6_k_q8_lanes_kernel, on the planar layout (see to_planar): one superblock a thread, its 16-byte
         # pieces 4 PSW bytes apart (ql words 4j..4j+3 in piece j, qh words in pieces 8..11, the scales in 12),
         # so a warp's loads of one piece are side by side; the fp16 scales d follow the 13 planes, 2 bytes each.
         # Half h, words j0..j0 + 3 (j0 0 or 4) of ql's A = 16h + j, B = 16h + 8 + j and qh's 32 + 8h + j hold
         # weights 128h + 32k + 4j.. for k = 0..3: A's low nibbles (k 0), B's (1), A's high (2), B's (3), with qh's
-        # bits 2k, 2k + 1 on top; group of 16 8h + 2k + j0 // 4.
+        # bits 2k, 2k + 1 on top; group of 16 8h + 2k + j0 // 4. EARLY: as in _q4_k_q8_lanes_kernel.
+        if not EARLY:
+            gdc(PDL)
         p, xw, dxr, xsr, rows, rmask, row0 = _pair_q8(base, offs, xrows, xq, dx, xs, N, row_bytes, stride_q, stride_d,
                                                        stride_s, BN, ALIGN)
         w = base + tl.multiple_of(tl.load(offs + p), ALIGN)
@@ -572,6 +607,14 @@ if triton is not None:
         v4 = tl.arange(0, 4)[None, None, :]
         zrow = tl.zeros([BN, 1], dtype=tl.int32)
         sb_row = tl.where(rmask, rows, 0)[:, None].to(tl.int64) * (K // 256)  # [BN, 1]: a row's first superblock
+        if EARLY:
+            if PDL:
+                s0 = tl.minimum(s, K // 256 - 1)
+                first = row0[:, None] + s0 * 16  # [BN, SL]: piece 0 of each
+                for j in tl.static_range(13):
+                    prefetch_l2(first + 4 * PSW * j)
+                prefetch_l2(w + 52 * PSW + 2 * (sb_row + s0))  # their scales d
+            gdc(PDL)
         acc = tl.zeros([BN, SL], dtype=tl.float32)
         for sb0 in range(0, K // 256, SL):
             sbk = sb0 + s
@@ -633,6 +676,27 @@ _TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # dp4a as PTX, or (interpreter) in integer arithmetic
 
 
+PDL = os.environ.get("FLASHMOE_PDL", "1") != "0" and _ASM  # FLASHMOE_PDL=0: launch kernels one after another
+_pdl_devices: dict[int, bool] = {}
+
+
+def pdl_for(device: torch.device) -> bool:
+    """Whether the decode kernels on ``device`` launch with programmatic dependent launch: each one launches
+    while the one before it still runs, waits for it in ``gdc``, and a resident weight's GEMV fetches its
+    first bytes before that wait. CUDA GPUs of compute capability 9 (Hopper) and later."""
+    if not PDL or gdc_wait is None or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _pdl_devices:
+        _pdl_devices[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _pdl_devices[i]
+
+
+def pdl_options(pdl: bool) -> dict:
+    """A kernel launch's keywords for ``pdl`` (its ``PDL`` argument, and Triton's launch attribute)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {}
+
+
 PLANAR_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 PLANAR = os.environ.get("FLASHMOE_PLANAR", "1") != "0"  # FLASHMOE_PLANAR=0: the GGUF layout on GPUs too (to compare)
 
@@ -643,49 +707,61 @@ def planar_for(qtype, device: torch.device) -> bool:
     return PLANAR and supports(qtype, device) and getattr(qtype, "name", str(qtype)) in PLANAR_TYPES
 
 
-def _planes(qtype, raw: torch.Tensor, shape) -> tuple[int, int]:
-    """(superblocks, 16-byte pieces a block) of a weight ``shape`` of ``qtype`` held in ``raw``."""
+def _planes(qtype, raw: torch.Tensor, shape, chunk: int | None) -> tuple[int, int, int]:
+    """(chunks, superblocks a chunk, 16-byte pieces a block) of a weight ``shape`` of ``qtype`` held in
+    ``raw``, planar in chunks of ``chunk`` rows (None: the whole weight)."""
     name = getattr(qtype, "name", str(qtype))
     if name not in PLANAR_TYPES:
         raise ValueError(f"no planar layout for {name}")
+    chunk = chunk or shape[0]
+    if shape[0] % chunk:
+        raise ValueError(f"planar chunks of {chunk} rows do not divide {shape[0]} rows")
     n_blocks = shape[0] * shape[1] // 256
     block = GGML_QUANT_SIZES[qtype][1]
     if raw.numel() != n_blocks * block:
         raise ValueError(f"{raw.numel()} bytes for a {name} weight of shape {tuple(shape)}")
-    return n_blocks, block // 16
+    C = shape[0] // chunk
+    return C, n_blocks // C, block // 16
 
 
-def to_planar(raw: torch.Tensor, qtype, shape) -> torch.Tensor:
+def to_planar(raw: torch.Tensor, qtype, shape, chunk: int | None = None) -> torch.Tensor:
     """A weight's GGUF blocks (uint8, one after another) rearranged so that a warp's threads, one superblock
     each, read side by side: piece j (16 bytes) of every superblock in plane j, the planes one after another
     (Q4_K 9 planes, Q5_K 11; Q6_K 13, then its 2-byte scales d, one per superblock). The same bytes; the
-    kernels read 16 bytes a thread a step from 512 contiguous bytes a warp instead of 144 or 210 bytes apart."""
-    n, pieces = _planes(qtype, raw, shape)
-    blocks, out = raw.view(n, -1), torch.empty_like(raw)  # written in place: twice the weight's memory at most
-    out[:n * 16 * pieces].view(pieces, n, 16).copy_(blocks[:, :16 * pieces].view(n, pieces, 16).transpose(0, 1))
-    out[n * 16 * pieces:].view(n, -1).copy_(blocks[:, 16 * pieces:])  # Q6_K: d after the planes
+    kernels read 16 bytes a thread a step from 512 contiguous bytes a warp instead of 144 or 210 bytes apart.
+    ``chunk``: each run of that many rows is a planar weight of its own, one after another (so that rows
+    c * chunk.. are a [chunk, K] weight the kernels take, as a pair of one launch; None: the whole weight)."""
+    C, n, pieces = _planes(qtype, raw, shape, chunk)
+    blocks, out = raw.view(C, n, -1), torch.empty_like(raw)  # twice the weight's memory at most
+    o = out.view(C, -1)
+    o[:, :n * 16 * pieces].view(C, pieces, n, 16).copy_(
+        blocks[:, :, :16 * pieces].view(C, n, pieces, 16).transpose(1, 2))
+    o[:, n * 16 * pieces:].view(C, n, -1).copy_(blocks[:, :, 16 * pieces:])  # Q6_K: d after the planes
     return out
 
 
-def from_planar(planar: torch.Tensor, qtype, shape) -> torch.Tensor:
+def from_planar(planar: torch.Tensor, qtype, shape, chunk: int | None = None) -> torch.Tensor:
     """``to_planar``'s inverse: the GGUF blocks."""
-    n, pieces = _planes(qtype, planar, shape)
+    C, n, pieces = _planes(qtype, planar, shape, chunk)
     out = torch.empty_like(planar)
-    blocks = out.view(n, -1)
-    blocks[:, :16 * pieces].view(n, pieces, 16).copy_(planar[:n * 16 * pieces].view(pieces, n, 16).transpose(0, 1))
-    blocks[:, 16 * pieces:].copy_(planar[n * 16 * pieces:].view(n, -1))
+    blocks, p = out.view(C, n, -1), planar.view(C, -1)
+    blocks[:, :, :16 * pieces].view(C, n, pieces, 16).copy_(
+        p[:, :n * 16 * pieces].view(C, pieces, n, 16).transpose(1, 2))
+    blocks[:, :, 16 * pieces:].copy_(p[:, n * 16 * pieces:].view(C, n, -1))
     return out
 
 
-def planar_rows(planar: torch.Tensor, qtype, shape, ids: torch.Tensor) -> torch.Tensor:
+def planar_rows(planar: torch.Tensor, qtype, shape, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Rows ``ids`` of a planar weight as GGUF blocks: [len(ids), a row's bytes] uint8."""
-    n, pieces = _planes(qtype, planar, shape)
-    sbs = shape[1] // 256
-    block = planar.numel() // n
-    head = planar[:n * 16 * pieces].view(pieces, shape[0], sbs, 16)[:, ids]  # [pieces, T, sbs, 16]
-    rows = head.permute(1, 2, 0, 3).reshape(len(ids), sbs, 16 * pieces)
+    C, n, pieces = _planes(qtype, planar, shape, chunk)
+    rows_c, sbs = shape[0] // C, shape[1] // 256
+    block = planar.numel() // (C * n)
+    c, r = ids // rows_c, ids % rows_c
+    p = planar.view(C, -1)
+    head = p[:, :n * 16 * pieces].view(C, pieces, rows_c, sbs, 16)[c, :, r]  # [T, pieces, sbs, 16]
+    rows = head.permute(0, 2, 1, 3).reshape(len(ids), sbs, 16 * pieces)
     if block > 16 * pieces:
-        rows = torch.cat([rows, planar[n * 16 * pieces:].view(shape[0], sbs, block - 16 * pieces)[ids]], dim=2)
+        rows = torch.cat([rows, p[:, n * 16 * pieces:].view(C, rows_c, sbs, block - 16 * pieces)[c, r]], dim=2)
     return rows.reshape(len(ids), -1)
 
 
@@ -714,7 +790,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: torch.Tensor, qtype, shape,
                aligned: bool = True, tune: tuple[int, ...] | None = None, q8: bool = True,
-               x8: tuple | None = None, planar: bool = False) -> torch.Tensor:
+               x8: tuple | None = None, planar: bool = False, early: bool = False) -> torch.Tensor:
     """For each pair p: y[p] = W_p @ x[xrows[p]], where W_p ([N, K], ``qtype``) starts ``offs[p]`` bytes from
     ``base``'s first byte (negative offsets are fine: any weight on the same device).
 
@@ -726,6 +802,9 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
     superblocks per step[, lanes]) instead of ``config``'s choice (see there). ``x8``: ``quantize_q8(x)``, where the caller
     has it already (the same x meets several weights); used where this call takes 8-bit activations.
     ``planar``: the weights are in ``to_planar``'s layout (Q4_K, Q5_K, Q6_K; one superblock a thread).
+    ``early``: neither the weights nor ``offs`` are written by any kernel (a model's resident weights): under
+    programmatic dependent launch (``pdl_for``) the planar kernels prefetch them before waiting for the
+    kernel before.
     """
     N, K = shape
     P = offs.numel()
@@ -750,11 +829,14 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
         psw = N * sbs * 4  # int32 words from one plane to the next
         args = (base, offs, xrows, xq, dx, xs, y, N, K, sbs * 16, xq.stride(0), dx.stride(0), xs.stride(0),
                 y.stride(0))
+        pdl = pdl_for(x.device)
+        kw = dict(pdl_options(pdl), EARLY=early and pdl) if pdl else {}
         if name == "Q6_K":
-            _q6_k_q8_planar_kernel[grid](*args, BN=bn, ALIGN=16, SL=lanes, PSW=psw, ASM=_ASM, num_warps=warps)
+            _q6_k_q8_planar_kernel[grid](*args, BN=bn, ALIGN=16, SL=lanes, PSW=psw, ASM=_ASM, num_warps=warps,
+                                         **kw)
         else:
             _q4_k_q8_lanes_kernel[grid](*args, BN=bn, ALIGN=16, Q5=name == "Q5_K", SL=lanes, PSW=psw, ASM=_ASM,
-                                        num_warps=warps)
+                                        num_warps=warps, **kw)
         return y
     if name == "Q6_K" and q8 and lanes:
         xq, dx, xs = x8 or quantize_q8(x)

@@ -142,15 +142,38 @@ def test_planar_layout_puts_piece_j_of_every_superblock_in_plane_j(qtype):
         _triton.to_planar(raw[:-16], qtype, shape)
     with pytest.raises(ValueError):
         _triton.to_planar(raw, Q.Q8_0, shape)
+    with pytest.raises(ValueError):
+        _triton.to_planar(raw, qtype, shape, chunk=4)  # chunks must divide the rows
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
+def test_planar_chunks_are_planar_weights_one_after_another(qtype):
+    """to_planar(chunk=c): rows c*i.. are the planar layout of that [c, K] weight, the chunks one after
+    another; from_planar and planar_rows undo it."""
+    from flashmoe_stream.quant import _triton
+
+    shape, chunk = (6, 768), 2
+    raw = _blocks(qtype, shape, 4)
+    got = _triton.to_planar(raw, qtype, shape, chunk)
+    step = raw.numel() // 3
+    for c in range(3):
+        assert torch.equal(got[c * step:(c + 1) * step],
+                           _triton.to_planar(raw[c * step:(c + 1) * step], qtype, (chunk, shape[1])))
+    assert not torch.equal(got, _triton.to_planar(raw, qtype, shape))
+    assert torch.equal(_triton.from_planar(got, qtype, shape, chunk), raw)
+    ids = torch.tensor([5, 0, 3, 2, 5])
+    assert torch.equal(_triton.planar_rows(got, qtype, shape, ids, chunk), raw.view(shape[0], -1)[ids])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
 @pytest.mark.parametrize("tune", [(2, 1, 1, 16), (8, 4, 1, 16), (16, 1, 1, 2), (4, 1, 1, 8)])
 @pytest.mark.parametrize("shape", [(40, 4096), (300, 768), (36, 1536)])
-def test_planar_kernels_equal_dequantize_then_matmul(qtype, tune, shape):
+@pytest.mark.parametrize("early", [False, True])
+def test_planar_kernels_equal_dequantize_then_matmul(qtype, tune, shape, early):
     """The kernels on to_planar's layout, two weights at two 16-byte aligned offsets of one pool, each pair
-    against its own input row."""
+    against its own input row; ``early``: (on GPUs that launch with PDL) the weights prefetched before the
+    kernel waits for the one before."""
     from flashmoe_stream.quant import _triton
 
     dev = torch.device("cuda")
@@ -164,7 +187,7 @@ def test_planar_kernels_equal_dequantize_then_matmul(qtype, tune, shape):
     x = torch.randn(3, shape[1], device=dev)
     offs = torch.tensor([at[1], at[0], at[1]], dtype=torch.int64, device=dev)
     rows = torch.tensor([2, 0, 1], device=dev)
-    y = _triton.gemv_pairs(x, pool, offs, rows, qtype, shape, tune=tune, planar=True)
+    y = _triton.gemv_pairs(x, pool, offs, rows, qtype, shape, tune=tune, planar=True, early=early)
     for p, (w, r) in enumerate(zip([1, 0, 1], [2, 0, 1])):
         want = _ref(x[r: r + 1], weights[w].to(dev), qtype, shape)[0]
         assert (y[p].double() - want).norm() / want.norm() < 1e-5, p
@@ -173,12 +196,15 @@ def test_planar_kernels_equal_dequantize_then_matmul(qtype, tune, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", FUSED)
 @pytest.mark.parametrize("T", [1, 5, 40])  # fused rows, and a prompt (dequantised on use)
-def test_qtensor_matmul_and_rows(qtype, T):
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_qtensor_matmul_and_rows(qtype, T, chunk):
+    """QTensor on the GPU, its planar K-quants whole or in chunks of 64 rows (one pair of a launch each)."""
     dev = torch.device("cuda")
     shape = (256, 1024)
     raw = _blocks(qtype, shape, 3).to(dev)
-    qt = quant.QTensor(raw, qtype, shape, torch.float32)
-    assert qt.fused
+    qt = quant.QTensor(raw, qtype, shape, torch.float32, chunk=chunk)
+    assert qt.fused and qt.chunk == (chunk if qt.planar and chunk else shape[0])
+    assert torch.equal(qt.blocks(), raw)
     x = torch.randn(T, shape[1], device=dev)
     got = qt.matmul(x)
     want = _ref(x, raw, qtype, shape, fused=T <= 8)
