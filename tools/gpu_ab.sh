@@ -7,10 +7,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 [ -n "${TESTS:-}" ] && python3 -m pytest -q --maxfail=6 -p no:cacheprovider -m gpu $TESTS 2>&1 \
   | grep -E "^FAILED|^E   |passed|failed|skipped" | head -30
 m=/tmp/m; mkdir -p $m
-python3 -m flashmoe_stream synth --preset qwen3-235b-a22b --layers ${LAYERS:-12} --qtype Q4_K_M -o $m/q.gguf --json \
-  > $OUT/synth.json 2>&1
+[ -s $m/q.gguf ] || python3 -m flashmoe_stream synth --preset qwen3-235b-a22b --layers ${LAYERS:-12} --qtype Q4_K_M \
+  -o $m/q.gguf --json > /tmp/synth.json 2>&1
 f=$m/q.gguf
-show() { python3 - "$1" <<'PY' || tail -5 "${1%.json}.err"
+show() { python3 - "$1" <<'PY' || tail -5 "/tmp/$(basename ${1%.json}).err"
 import json, sys
 r = json.load(open(sys.argv[1]))
 keys = ("ratio_to_memory_bound", "ratio_to_io_bound", "ratio_to_random_read_bound", "device_hit_rate",
@@ -22,10 +22,13 @@ i=0
 for s in ${AB:-X=1}; do
   i=$((i + 1))
   env $s python3 -m flashmoe_stream bench run $f --device cuda --vram-cache 100% --ram-cache 4G --warm \
-    --tokens ${TOKENS:-128} --json > $OUT/vram$i.json 2> $OUT/vram$i.err
-  echo -n "$s: "; show $OUT/vram$i.json
+    --tokens ${TOKENS:-128} --json > $OUT/${TAG:-}vram$i.json 2> /tmp/${TAG:-}vram$i.err
+  echo -n "$s: "; show $OUT/${TAG:-}vram$i.json
 done
 [ -n "${PROFILE:-}" ] && env ${PROFILE} python3 tools/gpu_profile.py $f 2>&1 | grep "^{" | head -${PROFILE_LINES:-14}
-[ -n "${STREAM:-}" ] && env ${STREAM} python3 -m flashmoe_stream bench run $f --device cuda --vram-cache 8G \
-  --ram-cache 8G --tokens 48 --json > $OUT/stream.json 2> $OUT/stream.err && show $OUT/stream.json
+if [ -n "${STREAM:-}" ]; then
+  env ${STREAM} python3 -m flashmoe_stream bench run $f --device cuda --vram-cache 8G --ram-cache 8G --tokens 48 --json \
+    > $OUT/${TAG:-}stream.json 2> /tmp/${TAG:-}stream.err
+  echo -n "$STREAM: "; show $OUT/${TAG:-}stream.json
+fi
 true

@@ -228,12 +228,16 @@ def short_read_error(path: Path, offset: int, got: int, need: int) -> ShortReadE
 class ExpertStore:
     """A store directory (``manifest.json`` …) or a GGUF file, as experts by (layer, expert).
 
-    ``verify`` (default True) checks each block's xxh3_64 on read where the store has checksums.
+    ``verify`` (default True) checks each block's xxh3_64 where the store has checksums: the first time
+    each expert is read through this store (a corrupt file is found on its first read), or on every read
+    with ``recheck``. Streaming reads each expert many times; hashing each read again cost 8 % of decode
+    on a 2-core machine (docs/BENCHMARKS.md), to guard against a disk returning other bytes the second time.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = True):
+    def __init__(self, path: str | os.PathLike, verify: bool = True, recheck: bool = False):
         self.path = Path(path)
-        self.verify = verify
+        self.verify, self.recheck = verify, recheck
+        self._checked: set[tuple[int, int]] = set()  # experts whose checksums matched
         if not self.path.exists():
             raise StoreError(f"{self.path}: no such file or directory (give a store directory or a .gguf file)")
         if self.path.is_dir():
@@ -386,6 +390,8 @@ class ExpertStore:
     def assemble(self, lay: ExpertLayout, buf, verify: bool | None = None) -> ExpertBlob:
         """Turn a filled read buffer into an ExpertBlob: slice, check checksums, decompress."""
         verify = self.verify if verify is None else verify
+        key = (lay.layer, lay.expert)
+        verify = verify and (self.recheck or key not in self._checked)
         arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
         blocks: dict[str, Block] = {}
         for b in lay.blocks:
@@ -400,6 +406,8 @@ class ExpertStore:
             elif b.codec is not None:
                 raise StoreError(f"{self.path}: unknown codec {b.codec!r}: upgrade flashmoe-stream")
             blocks[b.name] = Block(data, b.qtype, b.shape)
+        if verify:
+            self._checked.add(key)
         return ExpertBlob(lay.layer, lay.expert, blocks, buf)
 
     def __repr__(self) -> str:

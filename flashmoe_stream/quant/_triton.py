@@ -80,9 +80,13 @@ if triton is not None:
     def gdc(PDL: tl.constexpr):
         """Under programmatic dependent launch (``PDL``, see ``pdl_for``): wait until the kernel before in the
         stream has finished and its writes are visible, then let the next kernel launch (it waits in turn, so
-        each waits for all before it). Every kernel launched with PDL calls this before it reads or writes
-        anything another kernel writes or reads; nothing without PDL."""
-        if PDL:
+        each waits for all before it; PDL 2 lets it launch first, so that several kernels ahead may wait and
+        prefetch). Every kernel launched with PDL calls this before it reads or writes anything another
+        kernel writes or reads; nothing without PDL."""
+        if PDL == 2:
+            gdc_launch_dependents()
+            gdc_wait()
+        elif PDL:
             gdc_wait()
             gdc_launch_dependents()
 
@@ -676,7 +680,8 @@ _TYPES = {"Q4_K", "Q5_K", "Q6_K", "Q8_0"}
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # dp4a as PTX, or (interpreter) in integer arithmetic
 
 
-PDL = os.environ.get("FLASHMOE_PDL", "1") != "0" and _ASM  # FLASHMOE_PDL=0: launch kernels one after another
+# FLASHMOE_PDL=0: launch kernels one after another (2: each lets the next launch before it waits, see gdc)
+PDL = int(os.environ.get("FLASHMOE_PDL", "1")) if _ASM else 0
 _pdl_devices: dict[int, bool] = {}
 
 
@@ -694,7 +699,7 @@ def pdl_for(device: torch.device) -> bool:
 
 def pdl_options(pdl: bool) -> dict:
     """A kernel launch's keywords for ``pdl`` (its ``PDL`` argument, and Triton's launch attribute)."""
-    return {"PDL": True, "launch_pdl": True} if pdl else {}
+    return {"PDL": PDL or 1, "launch_pdl": True} if pdl else {}
 
 
 PLANAR_TYPES = ("Q4_K", "Q5_K", "Q6_K")
@@ -830,7 +835,7 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
         args = (base, offs, xrows, xq, dx, xs, y, N, K, sbs * 16, xq.stride(0), dx.stride(0), xs.stride(0),
                 y.stride(0))
         pdl = pdl_for(x.device)
-        kw = dict(pdl_options(pdl), EARLY=early and pdl) if pdl else {}
+        kw = dict(pdl_options(pdl), EARLY=early) if pdl else {}
         if name == "Q6_K":
             _q6_k_q8_planar_kernel[grid](*args, BN=bn, ALIGN=16, SL=lanes, PSW=psw, ASM=_ASM, num_warps=warps,
                                          **kw)

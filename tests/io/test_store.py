@@ -50,6 +50,34 @@ def test_flipped_byte_is_caught_on_read_naming_layer_expert_file(store_copy):
     assert bytes(ExpertStore(path, verify=False).read(3, 6)["down"])[7] == data[off + 7]
 
 
+@pytest.mark.parametrize("recheck", [False, True])
+def test_checksums_are_checked_on_an_experts_first_read_or_on_every_read(store_copy, recheck):
+    """An expert whose checksums matched is not hashed again (unless ``recheck``): a byte flipped on disk
+    after its first read goes through; an expert not read before is still checked."""
+    path = store_copy("qwen3moe", "Q8_0")
+    m = json.loads((path / "manifest.json").read_text())
+    store = ExpertStore(path, recheck=recheck)
+    store.read(3, 6)
+    flipped = {e: _flip_a_byte(path, m, e) for e in (6, 7)}
+    if recheck:
+        with pytest.raises(ChecksumError, match="layer 3 expert 6"):
+            store.read(3, 6)
+    else:
+        assert bytes(store.read(3, 6)["down"])[7] == flipped[6]
+    with pytest.raises(ChecksumError, match="layer 3 expert 7"):
+        store.read(3, 7)
+
+
+def _flip_a_byte(path, m, e) -> int:
+    """Flips byte 7 of layer 3 expert e's down block on disk; returns its new value."""
+    off = m["layers"]["3"][e]["blocks"]["down"]["offset"]
+    f = path / "experts" / "3" / f"{e}.bin"
+    data = bytearray(f.read_bytes())
+    data[off + 7] ^= 0x80
+    f.write_bytes(bytes(data))
+    return data[off + 7]
+
+
 def test_newer_format_version_is_refused(store_copy):
     path = store_copy("qwen3moe", "Q8_0")
     m = json.loads((path / "manifest.json").read_text())
