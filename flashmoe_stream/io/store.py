@@ -230,8 +230,9 @@ class ExpertStore:
 
     ``verify`` (default True) checks each block's xxh3_64 where the store has checksums: the first time
     each expert is read through this store (a corrupt file is found on its first read), or on every read
-    with ``recheck``. Streaming reads each expert many times; hashing each read again cost 8 % of decode
-    on a 2-core machine (docs/BENCHMARKS.md), to guard against a disk returning other bytes the second time.
+    with ``recheck``. Streaming reads each expert many times, and hashing every read took 8 % of decode in
+    one pair of runs on a 2-core machine (docs/BENCHMARKS.md); that guards only against a disk that returns
+    other bytes the second time.
     """
 
     def __init__(self, path: str | os.PathLike, verify: bool = True, recheck: bool = False):

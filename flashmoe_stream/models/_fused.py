@@ -164,8 +164,9 @@ def _router_kernel(h, w, out, NE, E, stride_w, BR: tl.constexpr, BK: tl.constexp
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = r < NE
     if PDL:
-        kp = tl.minimum(tl.arange(0, BK // 32) * 32, E - 1)  # one address a 32 weights (128 bytes in float32)
-        _prefetch_l2(w + tl.minimum(r, NE - 1).to(tl.int64)[:, None] * stride_w + kp[None, :])
+        if BK >= 32:  # one address a 32 weights (128 bytes in float32)
+            kp = tl.minimum(tl.arange(0, BK // 32) * 32, E - 1)
+            _prefetch_l2(w + tl.minimum(r, NE - 1).to(tl.int64)[:, None] * stride_w + kp[None, :])
     _gdc(PDL)
     acc = tl.zeros([BR, BK], tl.float32)
     for k0 in range(0, E, BK):

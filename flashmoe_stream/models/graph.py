@@ -2,8 +2,10 @@
 
 Each layer is about a dozen launches (models/_fused.py: residual add + RMSNorm, q/k-norm + RoPE + the
 KV-cache write, attention, routing, SiLU * up; the fused GEMV kernels for the matmuls, q, k and v in one
-where their planar chunks allow, engine._qkv_chunk). Attention reads the position from the device and loops over
-the filled part of the cache, so nothing depends on the length filled. Two ways to run them:
+where their planar chunks allow, engine._qkv_chunk). On Hopper and later each launches while the one
+before it runs (programmatic dependent launch, quant._triton.pdl_for). Attention reads the position from
+the device and loops over the filled part of the cache, so nothing depends on the length filled. Two ways
+to run them:
 
 * ``GraphDecode``, when the device tier holds the whole model: nothing needs to be fetched, so the host
   has no reason to see the routing. One token's pass through every layer (the embedding lookup,

@@ -86,7 +86,7 @@ class QTensor:
     def pairs(self, rows: int = 1, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused kernels' pairs of ``rows`` input rows times this weight's chunks (row-major: pair
         t * chunks + c is row t times chunk c): their byte offsets from ``base`` (default ``raw``) and input
-        rows, as int64 lists. Another weight's pairs from the same base join these in one launch."""
+        rows, as lists of ints. Another weight's pairs from the same base join these in one launch."""
         C = self.shape[0] // self.chunk
         step = self.raw.numel() // C
         at = self.raw.data_ptr() - (self.raw if base is None else base).data_ptr()
