@@ -14,9 +14,12 @@
  *    fp16 d = amax/127, for Q8_0 and the 32-element legacy types), then each sub-block is an exact integer
  *    dot product of weight quants and activation quants, scaled in float32.
  *
- * The rows of all matrices (n_mat * N of them) go to n_threads pthreads (started per call, a grain of rows
- * at a time from a shared counter); every row is computed whole by one thread, so results do not depend on
- * the thread count. No state survives a call: concurrent calls from several threads are safe.
+ * The rows of all matrices (n_mat * N of them) go to n_threads threads (a grain of rows at a time from a
+ * shared counter); every row is computed whole by one thread, so results do not depend on the thread count.
+ * The threads are a pool started once and parked between calls (starting threads per call cost ~50 us a
+ * call on a 2-core machine, about the work of a 512-row matrix); one call uses the pool at a time, and a
+ * call made meanwhile from another thread starts threads of its own, as all calls did before. No other
+ * state survives a call: concurrent calls from several threads are safe.
  *
  * Written from the block layouts (ggml's block_q4_K etc.); every decoder turns one chunk of up to 256
  * weights into signed 8-bit quants q[], per-sub-block float scales sc[] and mins mn[] with
@@ -847,6 +850,84 @@ done:
     return NULL;
 }
 
+/* ----------------------------------------------------------------------------------- thread pool */
+
+/* Workers parked on a condition variable: a call hands worker i the argument args + (i + 1) * stride and
+ * runs args itself; workers the OS refuses to start are simply not there (the rows are shared out
+ * dynamically, so fewer threads only take longer). After fork() the child has no workers: it starts anew. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t go, done;
+    int n;               /* workers started */
+    unsigned long gen;   /* bumped once per call */
+    int want, left;      /* workers taking part in this call (0 .. want - 1), those still running */
+    void *(*fn)(void *);
+    char *args;
+    size_t stride;
+    unsigned long start_gen[256];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL,
+          0, {0}};
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;  /* one call at a time */
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.go, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pthread_mutex_init(&pool_busy, NULL);
+    pool.n = pool.want = pool.left = 0;
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static void *pool_worker(void *arg) {
+    const int idx = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool.lock);
+    unsigned long seen = pool.start_gen[idx];
+    for (;;) {
+        while (pool.gen == seen) pthread_cond_wait(&pool.go, &pool.lock);
+        seen = pool.gen;
+        if (idx < pool.want) {
+            void *(*fn)(void *) = pool.fn;
+            char *a = pool.args + (size_t)(idx + 1) * pool.stride;
+            pthread_mutex_unlock(&pool.lock);
+            fn(a);
+            pthread_mutex_lock(&pool.lock);
+            if (--pool.left == 0) pthread_cond_signal(&pool.done);
+        }
+    }
+    return NULL;
+}
+
+/* fn(args + t * stride) for t < n_total, t = 0 on the calling thread. Returns the workers that took part
+ * (t = 1 .. that number), or -1 where another call holds the pool (then nothing ran). */
+static int pool_run(void *(*fn)(void *), void *args, size_t stride, int n_total) {
+    pthread_once(&pool_once, pool_init);
+    if (pthread_mutex_trylock(&pool_busy)) return -1;
+    pthread_mutex_lock(&pool.lock);
+    while (pool.n < n_total - 1 && pool.n < 256) {
+        pthread_t t;
+        pool.start_gen[pool.n] = pool.gen;  /* it takes part from the next call on: this one */
+        if (pthread_create(&t, NULL, pool_worker, (void *)(intptr_t)pool.n)) break;
+        pthread_detach(t);
+        pool.n++;
+    }
+    const int w = n_total - 1 < pool.n ? n_total - 1 : pool.n;
+    pool.want = pool.left = w;
+    pool.fn = fn;
+    pool.args = (char *)args;
+    pool.stride = stride;
+    pool.gen++;
+    pthread_cond_broadcast(&pool.go);
+    pthread_mutex_unlock(&pool.lock);
+    fn(args);
+    pthread_mutex_lock(&pool.lock);
+    while (pool.left) pthread_cond_wait(&pool.done, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool_busy);
+    return w;
+}
+
 /* ------------------------------------------------------------------------------------ public API */
 
 /* 1 if qdot_mm handles ggml type `type` */
@@ -913,13 +994,18 @@ int qdot_mm(int type, int round_acts, const float *x, int64_t xs_mat, int64_t xs
         jb->rows = rows; jb->grain = grain; jb->next = &next;
         jb->status = -2;
     }
-    for (int t = 1; t < n_threads; t++) {  /* the rows of a thread that did not start go to the others */
-        started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
-        if (!started[t]) jobs[t].status = 0;
+    int pooled = n_threads > 1 ? pool_run(run_job, jobs, sizeof(job), n_threads) : -1;
+    if (pooled >= 0) {
+        for (int t = pooled + 1; t < n_threads; t++) jobs[t].status = 0;  /* workers that are not there */
+    } else {  /* one thread, or the pool is busy with another call: threads of this call's own */
+        for (int t = 1; t < n_threads; t++) {  /* the rows of a thread that did not start go to the others */
+            started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+            if (!started[t]) jobs[t].status = 0;
+        }
+        run_job(&jobs[0]);
+        for (int t = 1; t < n_threads; t++)
+            if (started[t]) pthread_join(tids[t], NULL);
     }
-    run_job(&jobs[0]);
-    for (int t = 1; t < n_threads; t++)
-        if (started[t]) pthread_join(tids[t], NULL);
     for (int t = 0; t < n_threads; t++)
         if (jobs[t].status) rc = jobs[t].status;
 out:

@@ -211,6 +211,33 @@ def test_concurrent_calls():
         assert torch.equal(g, want[i % len(xs)])
 
 
+@needs_native
+def test_a_forked_child_starts_its_own_threads():
+    """The native calls keep a pool of parked threads; a child made by fork() has none of them, and its
+    threaded calls must neither hang waiting for them nor go wrong."""
+    import time
+
+    qtype, shape = Q.Q4_K, (768, 2048)  # enough rows for 3 threads
+    raws = [weights(qtype, shape, seed=e) for e in range(2)]
+    x = acts((2, 1, shape[1]), seed=3)
+    want = _cpu.qbmm_cpu(x, raws, qtype, shape, True, n_threads=3)  # the pool has two workers now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its threaded call gives the parent's result
+        ok = torch.equal(_cpu.qbmm_cpu(x, raws, qtype, shape, True, n_threads=3), want)
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's native call hung")
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.parametrize("round_acts", [False, True])
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype, round_acts):
