@@ -679,6 +679,13 @@ ROW_FLOAT(row_float_16, 16, 0)
 ROW_FLOAT(row_float_16m, 16, 1)
 
 #if QD_AVX2
+/* sc16[j] = int16 element j of each 128-bit lane of v, in all eight of the lane's int16 (one shuffle a j, in
+ * place of cutting each scale out in a general register and broadcasting it from there) */
+static inline void spread_scales(__m256i v, __m256i *sc16) {
+    for (int j = 0; j < 8; j++)
+        sc16[j] = _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)(((2 * j + 1) << 8) | (2 * j))));
+}
+
 /* The integer dot of one superblock's 8 registers of unsigned quants wq with a row's 256 activations aq,
  * each pair of products (maddubs) times its scale in sc16 and summed again (madd): 8 int32 lanes. */
 static inline __m256i scaled_dot256(const __m256i *wq, const __m256i *sc16, const int8_t *aq) {
@@ -708,7 +715,7 @@ ALWAYS_INLINE void row_q45_k_t(const job *jb, const uint8_t *wrow, const int8_t 
         uint64_t s, m;
         k_scale_bytes(b, &s, &m);
         __m256i sc16[8], wq[8];
-        for (int j = 0; j < 8; j++) sc16[j] = _mm256_set1_epi16((short)((s >> (8 * j)) & 0xFF));
+        spread_scales(_mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)s))), sc16);
         const __m256i h = q5 ? _mm256_loadu_si256((const __m256i *)(b + 16)) : m4;  /* Q5_K's 5th bits */
         for (int i = 0; i < 4; i++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
@@ -761,8 +768,9 @@ static void row_q6_k_fused(const job *jb, const uint8_t *wrow, const int8_t *a_q
         const uint8_t *b = wrow + 210 * c;
         const int8_t *scb = (const int8_t *)(b + 192);
         __m256i sc16[8], wq[8];
-        for (int j = 0; j < 8; j++)
-            sc16[j] = _mm256_setr_m128i(_mm_set1_epi16(scb[2 * j]), _mm_set1_epi16(scb[2 * j + 1]));
+        /* the even scales as int16 in the low lane, the odd ones in the high lane: sc16[j] is 2j's, then 2j+1's */
+        const __m128i eo = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        spread_scales(_mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)scb), eo)), sc16);
         for (int h = 0; h < 2; h++) {
             __m256i a = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
             __m256i cc = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
