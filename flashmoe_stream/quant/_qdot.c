@@ -915,7 +915,7 @@ static int pool_run(void *(*fn)(void *), void *args, size_t stride, int n_total)
     pthread_mutex_lock(&pool.lock);
     while (pool.n < n_total - 1 && pool.n < 256) {
         pthread_t t;
-        pool.start_gen[pool.n] = pool.gen;  /* it takes part from the next call on: this one */
+        pool.start_gen[pool.n] = pool.gen;  /* so that it takes the bump below as work: this call is its first */
         if (pthread_create(&t, NULL, pool_worker, (void *)(intptr_t)pool.n)) break;
         pthread_detach(t);
         pool.n++;
