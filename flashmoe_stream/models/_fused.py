@@ -4,7 +4,7 @@ Torch runs a layer's small steps for one token as ~80 kernels of a few microseco
 alone is six); here each is one launch: residual add + RMSNorm, q/k-norm + RoPE + the KV-cache write,
 attention of one token over the cache, top-k routing (with the experts' weight offsets looked up for
 the fused GEMV kernels), and SiLU(gate) * up. Float32 arithmetic throughout, as the eager path's.
-On Hopper and later they launch with programmatic dependent launch (quant._triton.pdl_for): each waits for
+On Hopper and later they launch with programmatic dependent launch (quant.pdl_options): each waits for
 the kernel before it in ``gdc`` first, which lets its launch overlap that kernel's end.
 Imported only where Triton is (CUDA builds of torch).
 """
@@ -15,9 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import _triton
-from ..quant import fused_q8_groups as _q8_groups
-from ..quant._triton import gdc as _gdc, pdl_options, prefetch_l2 as _prefetch_l2
+from ..quant import fused_gdc as _gdc, fused_prefetch_l2 as _prefetch_l2, fused_q8_groups as _q8_groups, pdl_options
 
 
 @triton.jit
@@ -60,7 +58,7 @@ def add_norm(x: torch.Tensor, d: torch.Tensor | None, dw: torch.Tensor | None, n
     _add_norm_kernel[(1,)](x, x if d is None else d, x if dw is None else dw, nw, h, x if hf is None else hf,
                            xq, dx, xs, E, eps, ND=nd, HAS_W=dw is not None, OUT_F=hf is not None,
                            Q8=x8 is not None, BE=max(32, triton.next_power_of_2(E)), num_warps=8,
-                           **pdl_options(_triton.pdl_for(x.device)))
+                           **pdl_options(x.device))
 
 
 @triton.jit
@@ -108,7 +106,7 @@ def qk_rope(q, k, v, qn, kn, cos, sin, pos, kc, vc, qo, eps: float, neox: bool) 
     H = q.numel() // D
     _qk_rope_kernel[(H + HKV,)](q, k, v, q if qn is None else qn, k if kn is None else kn, cos, sin, pos, kc, vc,
                                 qo, H, HKV, eps, D=D, NORM=qn is not None, NEOX=neox, num_warps=1,
-                                **pdl_options(_triton.pdl_for(q.device)))
+                                **pdl_options(q.device))
 
 
 @triton.jit
@@ -154,7 +152,7 @@ def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tenso
     H = q.numel() // D
     xq, dx, xs = x8 or (out, out, out)
     _attend_kernel[(H,)](q, kc, vc, pos, out, xq, dx, xs, HKV, D ** -0.5, GROUP=H // HKV, D=D, BT=32,
-                         Q8=x8 is not None, num_warps=4, **pdl_options(_triton.pdl_for(q.device)))
+                         Q8=x8 is not None, num_warps=4, **pdl_options(q.device))
 
 
 @triton.jit
@@ -184,7 +182,7 @@ def router_logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.
     w = w if w.stride(1) == 1 else w.contiguous()
     bk = min(triton.next_power_of_2(E), 4096)
     _router_kernel[(NE,)](h, w, out, NE, E, w.stride(0), BR=1, BK=bk, num_warps=4,
-                          **pdl_options(_triton.pdl_for(h.device)))
+                          **pdl_options(h.device))
     return out
 
 
@@ -225,7 +223,7 @@ def route_topk(logits: torch.Tensor, table: torch.Tensor, k: int, norm: bool, id
     [3k] int64: the chosen experts' gate, then up, then down byte offsets from ``table`` [3, NE]."""
     NE = logits.numel()
     _route_kernel[(1,)](logits, table, ids, wts, offs, NE, K=k, KP=triton.next_power_of_2(k), NORM=norm,
-                        BE=triton.next_power_of_2(NE), num_warps=1, **pdl_options(_triton.pdl_for(logits.device)))
+                        BE=triton.next_power_of_2(NE), num_warps=1, **pdl_options(logits.device))
 
 
 @triton.jit
@@ -252,4 +250,4 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor, x8: tuple | None = None) -> No
     xq, dx, xs = x8 or (out, out, out)
     _silu_mul_kernel[(k, triton.cdiv(F, 1024))](gu, out, xq, dx, xs, F, k, xq.stride(0), dx.stride(0), xs.stride(0),
                                                 BF=1024, Q8=x8 is not None, num_warps=4,
-                                                **pdl_options(_triton.pdl_for(gu.device)))
+                                                **pdl_options(gu.device))

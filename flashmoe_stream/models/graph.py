@@ -3,7 +3,7 @@
 Each layer is about a dozen launches (models/_fused.py: residual add + RMSNorm, q/k-norm + RoPE + the
 KV-cache write, attention, routing, SiLU * up; the fused GEMV kernels for the matmuls, q, k and v in one
 where their planar chunks allow, engine._qkv_chunk). On Hopper and later each launches while the one
-before it runs (programmatic dependent launch, quant._triton.pdl_for). Attention reads the position from
+before it runs (programmatic dependent launch, quant.pdl_options). Attention reads the position from
 the device and loops over the filled part of the cache, so nothing depends on the length filled. Two ways
 to run them:
 

@@ -172,11 +172,17 @@ from ._triton import from_planar, planar_for, to_planar  # noqa: E402 - the GPU 
 # a Triton helper for GPU kernels that write a GEMV's input: a row's groups of 32 rounded to 8 bits as
 # fused_quantize_q8 rounds them (models/_fused.py); None without Triton
 fused_q8_groups = getattr(_triton, "q8_groups", None)
+# ... and for every kernel of a decode step: programmatic dependent launch (its launch keywords on a device;
+# the wait for the kernel before, and the L2 prefetch of resident weights before that wait)
+pdl_options = _triton.pdl_options
+fused_gdc = getattr(_triton, "gdc", None)
+fused_prefetch_l2 = getattr(_triton, "prefetch_l2", None)
 
 NATIVE_ROWS = _cpu.MAX_ROWS  # rows of x up to which qmatmul/qbmm use the native CPU kernels
 native_supported = _cpu.supported  # whether the native CPU kernels take a type (and are built)
 small_ops_on_one_thread = _cpu.small_ops_on_one_thread  # torch on one thread, the native kernels on torch's
 
 
-__all__ += ["NATIVE_ROWS", "QTensor", "fused_gemv_pairs", "fused_q8_buffers", "fused_q8_groups", "fused_quantize_q8",
-            "fused_supported", "from_planar", "native_supported", "planar_for", "small_ops_on_one_thread", "to_planar"]
+__all__ += ["NATIVE_ROWS", "QTensor", "fused_gdc", "fused_gemv_pairs", "fused_prefetch_l2", "fused_q8_buffers",
+            "fused_q8_groups", "fused_quantize_q8", "fused_supported", "from_planar", "native_supported",
+            "pdl_options", "planar_for", "small_ops_on_one_thread", "to_planar"]

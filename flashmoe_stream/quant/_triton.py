@@ -693,9 +693,10 @@ def pdl_for(device: torch.device) -> bool:
     return _pdl_devices[i]
 
 
-def pdl_options(pdl: bool) -> dict:
-    """A kernel launch's keywords for ``pdl`` (its ``PDL`` argument, and Triton's launch attribute)."""
-    return {"PDL": True, "launch_pdl": True} if pdl else {}
+def pdl_options(device: torch.device) -> dict:
+    """A kernel launch's keywords on ``device``: under ``pdl_for`` its ``PDL`` argument and Triton's launch
+    attribute, else none."""
+    return {"PDL": True, "launch_pdl": True} if pdl_for(device) else {}
 
 
 PLANAR_TYPES = ("Q4_K", "Q5_K", "Q6_K")
@@ -830,8 +831,9 @@ def gemv_pairs(x: torch.Tensor, base: torch.Tensor, offs: torch.Tensor, xrows: t
         psw = N * sbs * 4  # int32 words from one plane to the next
         args = (base, offs, xrows, xq, dx, xs, y, N, K, sbs * 16, xq.stride(0), dx.stride(0), xs.stride(0),
                 y.stride(0))
-        pdl = pdl_for(x.device)
-        kw = dict(pdl_options(pdl), EARLY=early) if pdl else {}
+        kw = pdl_options(x.device)
+        if kw:
+            kw["EARLY"] = early
         if name == "Q6_K":
             _q6_k_q8_planar_kernel[grid](*args, BN=bn, ALIGN=16, SL=lanes, PSW=psw, ASM=_ASM, num_warps=warps,
                                          **kw)
