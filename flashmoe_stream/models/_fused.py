@@ -205,7 +205,7 @@ def _route_kernel(logits, table, ids, wts, offs, NE, K: tl.constexpr, KP: tl.con
     left = pr
     for t in tl.static_range(K):
         best = tl.max(left, axis=0)
-        idx = tl.min(tl.where(left == best, e, BE), axis=0)
+        idx = tl.minimum(tl.min(tl.where(left == best, e, BE), axis=0), NE - 1)  # (NaN logits: no read past table)
         left = tl.where(e == idx, -2.0, left)
         sel = tl.where(j == t, idx, sel)
         val = tl.where(j == t, best, val)
