@@ -203,6 +203,8 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     few = T * k <= FUSED_PAIRS and len(needed) <= cap  # a decode step (or a few): all its experts pinned at once
     if few and fused_supported_for(experts, layer, dev):
         return _fused_experts(hd, weights, flat, needed, experts.get(layer, needed.tolist()), llama_numerics)
+    if T == 1 and few and dev.type == "cpu" and len(needed) == k:
+        return _cpu_one_row(hd, weights, flat, layer, experts, dtype, llama_numerics)
     # on the CPU such a step reads all its missing experts at once and computes with them as they arrive:
     # those already resident first, together (one native call a projection for several experts is up to
     # twice as fast as one per expert), then, each time, those whose reads are in (or the next to come),
@@ -257,6 +259,51 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     # by expert id: the sums' order depends neither on the budget nor on the order the reads came in
     _add(out, sorted(done, key=lambda d: d[0]))
     return out[:T]
+
+
+def _cpu_one_row(hd: torch.Tensor, weights: torch.Tensor, flat: np.ndarray, layer: int, experts: ExpertSource,
+                 dtype: torch.dtype, llama_numerics: bool) -> torch.Tensor:
+    """run_experts for one row on the CPU (a decode step), with the few torch calls it needs: per group of
+    experts, one native call for their gates and ups together and one for their downs. The groups and the sums
+    are run_experts' own: the resident experts first (their reads begun by start()), then those whose reads
+    are in, or else the next to come; the weighted outputs added in the order of the experts' ids. So the
+    result is the general path's, bit for bit."""
+    ids = flat.tolist()
+    k = len(ids)
+    by_id = sorted(range(k), key=ids.__getitem__)
+    todo = [ids[j] for j in by_id]
+    if hasattr(experts, "start"):
+        missing = set(experts.start(layer, todo))
+        groups, todo = [[e for e in todo if e not in missing]], [e for e in todo if e in missing]
+    else:
+        groups, todo = [todo], []
+    ys: dict[int, torch.Tensor] = {}
+    x = hd.reshape(1, 1, -1)
+    while groups or todo:
+        group = groups.pop() if groups else None
+        if not group:
+            if not todo:
+                continue
+            arrived = set(experts.ready(layer, todo)) if hasattr(experts, "ready") else set()
+            group = [e for e in todo if e in arrived] or todo[:1]
+            todo = [e for e in todo if e not in group]
+        got = experts.get(layer, group)
+        n, b = len(got), got[0].blocks
+        gate, up, down = b["gate"], b["up"], b["down"]
+        if gate.qtype == up.qtype and tuple(gate.shape) == tuple(up.shape):
+            gu = _cpu_proj(x.expand(2 * n, 1, -1), [e.blocks["gate"].data for e in got] +
+                           [e.blocks["up"].data for e in got], gate, None, llama_numerics).to(dtype)
+            g, u = gu[:n], gu[n:]
+        else:
+            g = _cpu_proj(x.expand(n, 1, -1), [e.blocks["gate"].data for e in got], gate, None, llama_numerics)
+            u = _cpu_proj(x.expand(n, 1, -1), [e.blocks["up"].data for e in got], up, None, llama_numerics)
+            g, u = g.to(dtype), u.to(dtype)
+        y = _cpu_proj(F.silu(g) * u, [e.blocks["down"].data for e in got], down, None, llama_numerics).to(dtype)
+        ys.update(zip(group, y.float()))
+    w = weights.reshape(-1).float()
+    rows = torch.stack([ys[ids[j]][0] * w[j] for j in by_id])  # [k, n_embd], by expert id
+    out = torch.zeros(1, hd.shape[1], dtype=torch.float32)
+    return out.index_add_(0, torch.zeros(k, dtype=torch.int64), rows)
 
 
 def _add(out: torch.Tensor, done: list) -> None:

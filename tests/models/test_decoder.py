@@ -164,3 +164,28 @@ def test_experts_computed_as_they_arrive_give_the_same_logits(make_model):
             last = [ids for _, ids in src.gets][-4:]  # the last layer of the last token
             assert last[0] == "start" and [len(ids) for ids in last[1:]] == [3, 2, 1]
     assert torch.equal(out["whole"], out["arriving"])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q8_0"])
+def test_one_row_cpu_path_equals_the_general_one(make_model, monkeypatch, qtype):
+    """A CPU decode step runs its experts through run_experts' one-row path (gate and up in one native call);
+    its logits equal the general path's (FUSED_PAIRS 0 sends every step there), bit for bit."""
+    from flashmoe_stream.models import common
+
+    path = make_model("qwen3moe", qtype, n_expert_used=6)
+    m = open_gguf(path)
+    tokens = np.random.default_rng(5).integers(0, 300, 12).tolist()
+    calls = []
+    one_row = common._cpu_one_row
+    monkeypatch.setattr(common, "_cpu_one_row", lambda *a: calls.append(1) or one_row(*a))
+    out = {}
+    for name in ("one_row", "general"):
+        if name == "general":
+            monkeypatch.setattr(common, "FUSED_PAIRS", 0)
+        model = build_model(m.config, dense_weights(m), ArrivingExperts(path))
+        kv = model.new_kv_cache(len(tokens))
+        model.forward(torch.tensor(tokens[:4]), kv)
+        n = len(calls)
+        out[name] = torch.cat([model.forward(torch.tensor([t]), kv) for t in tokens[4:]])
+        assert (len(calls) - n > 0) == (name == "one_row")
+    assert torch.equal(out["one_row"], out["general"])
