@@ -17,7 +17,7 @@ import torch
 from ..config import ModelConfig
 from .base import StreamingDecoder
 from .common import (AttentionWeights, ExpertSource, KVCache, MoEWeights, act_for, attention, lookup, mm, moe,
-                     predict_next, rms_norm)
+                     predict_next, rms_norm, rope_angles)
 
 
 class MoEDecoder(StreamingDecoder):
@@ -29,6 +29,7 @@ class MoEDecoder(StreamingDecoder):
         self.resident = None  # every expert on the GPU: single tokens decode from a CUDA graph
         self.fused_steps = True  # else single tokens on a GPU run the torch layer loop (a reference)
         self._fused_ok = None
+        self._rope = None  # (pos, its RoPE angles): the last step's, for its other layers
         self._streams = weakref.WeakKeyDictionary()  # KV cache -> its StreamDecode
         self.llama_numerics = weight_types is not None
         act = (lambda name: act_for(weight_types[name])) if weight_types is not None else (lambda name: None)
@@ -115,8 +116,10 @@ class MoEDecoder(StreamingDecoder):
 
     def attend(self, i: int, x: torch.Tensor, kv: KVCache, pos: torch.Tensor) -> torch.Tensor:
         c = self.cfg
+        if self._rope is None or self._rope[0] is not pos:  # the layers of a step share pos: its angles once
+            self._rope = (pos, rope_angles(pos, c.head_dim, c.rope_theta))
         return attention(x, self.attn[i], i, kv, pos, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps, c.rope_theta,
-                         c.rope_neox)
+                         c.rope_neox, self._rope[1])
 
     def ffn(self, i: int, x: torch.Tensor):
         c = self.cfg
