@@ -134,19 +134,22 @@ def attention(x: torch.Tensor, w: AttentionWeights, layer: int, kv: KVCache, pos
     kv.k[layer, start: start + T] = k
     kv.v[layer, start: start + T] = v
     keys, values = kv.k[layer, : start + T], kv.v[layer, : start + T]
+    r = lambda t: t.half().float()  # noqa: E731 - fp16 rounding, as llama.cpp's CPU attention does
+    if T == 1 and x.device.type == "cpu":  # one new token on the CPU: it sees every position, and the q heads
+        # of a KV head are one matrix against its keys (two matmuls: SDPA, or repeating K and V per q head,
+        # costs ~4x as much at this size); with f16_kv in fp16 as below
+        G = n_head // n_head_kv
+        qq, kk, vv = (r(q.float()), r(keys), r(values)) if w.f16_kv else (q, keys, values)
+        att = (torch.matmul(qq.view(n_head_kv, G, head_dim), kk.permute(1, 2, 0)) / head_dim ** 0.5).softmax(-1)
+        out = torch.matmul(r(att) if w.f16_kv else att, vv.transpose(0, 1)).reshape(1, n_head, head_dim).to(v.dtype)
+        return mm(out.reshape(T, n_head * head_dim), w.o, w.acts[3]).float()
     mask = _causal_mask(T, start, x.device) if (T > 1 or w.f16_kv) else None  # one new token sees all
     if w.f16_kv:  # as llama.cpp's CPU attention: fp16 K, V and Q, softmax in f32 rounded to fp16 for V
-        r = lambda t: t.half().float()  # noqa: E731
         rep = n_head // n_head_kv
         kk, vv = r(keys).repeat_interleave(rep, 1), r(values).repeat_interleave(rep, 1)
         att = torch.einsum("thd,shd->hts", r(q.float()), kk) / head_dim ** 0.5
         att = att.masked_fill(~mask, float("-inf")).softmax(-1)
         out = torch.einsum("hts,shd->thd", r(att), vv).to(v.dtype)
-    elif T == 1 and x.device.type == "cpu":  # one new token on the CPU: the q heads of a KV head as one
-        # matrix against its keys (two matmuls; SDPA costs ~4x as much at this size)
-        G = n_head // n_head_kv
-        att = torch.matmul(q.view(n_head_kv, G, head_dim), keys.permute(1, 2, 0)) * head_dim ** -0.5
-        out = torch.matmul(att.softmax(-1), values.transpose(0, 1)).reshape(1, n_head, head_dim)
     else:  # [H, T, D] @ [H, D, S]: causal over the cached prefix and the new tokens
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
