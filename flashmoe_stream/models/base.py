@@ -77,7 +77,8 @@ class StreamingDecoder:
         n_layer = self.cfg.n_layer
         for i in range(n_layer):
             parts = x.split(sizes)
-            x = x + torch.cat([self.attend(i, xs, kv, p) for xs, (_, kv), p in zip(parts, segments, pos)])
+            att = [self.attend(i, xs, kv, p) for xs, (_, kv), p in zip(parts, segments, pos)]
+            x = x + (att[0] if len(att) == 1 else torch.cat(att))
             if self.prefetch:
                 for j in range(i + 1, min(i + 1 + self.prefetch_ahead, n_layer)):
                     ahead = self.predict(j, x)

@@ -411,4 +411,4 @@ def predict_next(x: torch.Tensor, nxt: MoEWeights, n_used: int, eps: float) -> l
     """The next layer's router applied to the current hidden state: its likely experts, for prefetch."""
     h = rms_norm(x, nxt.norm, eps)
     _, ids = route(h, nxt.router, n_used, False)
-    return torch.unique(ids).tolist()
+    return sorted(set(ids.reshape(-1).tolist()))  # (torch.unique's sorted ids, without its op)

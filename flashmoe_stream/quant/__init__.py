@@ -138,7 +138,8 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLQuantizationType, sha
         parts = [_cpu.qmatmul_cpu(rows[i: i + _cpu.MAX_ROWS], raw, qtype, shape, round_acts)
                  for i in range(0, rows.shape[0], _cpu.MAX_ROWS)]
         if parts and all(p is not None for p in parts):
-            return torch.cat(parts).reshape(*x.shape[:-1], parts[0].shape[-1])
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)  # (a decode step: one part, no copy)
+            return out.reshape(*x.shape[:-1], parts[0].shape[-1])
     with _cpu.all_threads():  # a decode step's torch ops run on one thread; this one is large
         return _rounded(x, qtype, round_acts) @ dequantize(raw, qtype, shape).T
 
