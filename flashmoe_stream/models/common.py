@@ -207,14 +207,15 @@ def run_experts(hd: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, laye
     T, k = ids.shape
     dev = hd.device
     flat = ids.reshape(-1).cpu().numpy()  # the one host sync: the cache needs the ids
+    if T == 1 and dev.type == "cpu" and k <= FUSED_PAIRS and len(set(flat.tolist())) == k and \
+            k <= (experts.capacity(layer) if hasattr(experts, "capacity") else k):  # a decode step on the CPU
+        return _cpu_one_row(hd, weights, flat, layer, experts, dtype, llama_numerics)
     order = np.argsort(flat, kind="stable")
     needed, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
     cap = experts.capacity(layer) if hasattr(experts, "capacity") else len(needed)
     few = T * k <= FUSED_PAIRS and len(needed) <= cap  # a decode step (or a few): all its experts pinned at once
     if few and fused_supported_for(experts, layer, dev):
         return _fused_experts(hd, weights, flat, needed, experts.get(layer, needed.tolist()), llama_numerics)
-    if T == 1 and few and dev.type == "cpu" and len(needed) == k:
-        return _cpu_one_row(hd, weights, flat, layer, experts, dtype, llama_numerics)
     # on the CPU such a step reads all its missing experts at once and computes with them as they arrive:
     # those already resident first, together (one native call a projection for several experts is up to
     # twice as fast as one per expert), then, each time, those whose reads are in (or the next to come),
