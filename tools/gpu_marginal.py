@@ -7,6 +7,8 @@ usage: python3 tools/gpu_marginal.py MODEL.gguf positions|marginal|ncu
   norms, the router, the routing, SiLU, and each GEMV: q/k/v, o, gate+up, down, the head); what the step
   loses without a group is what that group costs inside the graph, overlaps included. The outputs are garbage
   then (a q8 buffer no kernel writes holds whatever was in its memory): only the times mean something.
+  Not yet run to its end: its one try (before the routing kernel clamped its index) crashed when leaving out
+  attention let NaN reach the routing, whose offsets then read past their table.
 * ``ncu``: one eager step between cudaProfilerStart/Stop, for
   ``ncu --profile-from-start off ... python3 tools/gpu_marginal.py MODEL ncu``.
 Prints JSON lines.
