@@ -285,16 +285,15 @@ def _cpu_one_row(hd: torch.Tensor, weights: torch.Tensor, flat: np.ndarray, laye
     todo = [ids[j] for j in by_id]
     if hasattr(experts, "start"):
         missing = set(experts.start(layer, todo))
-        groups, todo = [[e for e in todo if e not in missing]], [e for e in todo if e in missing]
+        first, todo = [e for e in todo if e not in missing], [e for e in todo if e in missing]
     else:
-        groups, todo = [todo], []
+        first, todo = todo, []
     ys: dict[int, torch.Tensor] = {}
     x = hd.reshape(1, 1, -1)
-    while groups or todo:
-        group = groups.pop() if groups else None
-        if not group:
-            if not todo:
-                continue
+    while first or todo:
+        if first:  # the resident ones, together
+            group, first = first, []
+        else:  # the missing ones whose reads are in; else the next to come
             arrived = set(experts.ready(layer, todo)) if hasattr(experts, "ready") else set()
             group = [e for e in todo if e in arrived] or todo[:1]
             todo = [e for e in todo if e not in group]

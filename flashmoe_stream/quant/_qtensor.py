@@ -83,7 +83,7 @@ class QTensor:
             y = x2.to(self.dtype) @ self.dequantize().T
         return y.to(out_dtype or self.dtype).view(*lead, N)
 
-    def pairs(self, rows: int = 1, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairs(self, rows: int = 1, base: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
         """The fused kernels' pairs of ``rows`` input rows times this weight's chunks (row-major: pair
         t * chunks + c is row t times chunk c): their byte offsets from ``base`` (default ``raw``) and input
         rows, as lists of ints. Another weight's pairs from the same base join these in one launch."""
