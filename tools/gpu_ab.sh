@@ -3,13 +3,7 @@
 # of AB (one machine, one call: the ratios compare), the kernel profile and one streamed 8G + 8G run.
 #   AB="FLASHMOE_PDL=1 FLASHMOE_PDL=0 FLASHMOE_PDL=1" TESTS="tests/quant/test_fused.py" bash tools/gpu_ab.sh
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-[ -n "${TESTS:-}" ] && python3 -m pytest -q --maxfail=6 -p no:cacheprovider -m gpu $TESTS 2>&1 \
-  | grep -E "^FAILED|^E   |passed|failed|skipped" | head -30
-m=/tmp/m; mkdir -p $m
-[ -s $m/q.gguf ] || python3 -m flashmoe_stream synth --preset qwen3-235b-a22b --layers ${LAYERS:-12} --qtype Q4_K_M \
-  -o $m/q.gguf --json > /tmp/synth.json 2>&1
-f=$m/q.gguf
+. "$(dirname "$0")/_gpu_setup.sh"  # OUT, TESTS run, the model in f
 show() { python3 - "$1" <<'PY' || tail -5 "/tmp/$(basename ${1%.json}).err"
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -4,13 +4,7 @@
 #   TESTS="tests/models/test_fused_step.py" AB="X=1 FLASHMOE_PDL=0;FLASHMOE_FUSE_QKV=0" bash tools/gpu_diag.sh
 #   (MODES="positions marginal"; NCU=1: ncu too; BENCH=0: no bench)
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-[ -n "${TESTS:-}" ] && python3 -m pytest -q --maxfail=6 -p no:cacheprovider -m gpu $TESTS 2>&1 \
-  | grep -E "^FAILED|^E   |passed|failed|skipped" | head -30
-m=/tmp/m; mkdir -p $m
-[ -s $m/q.gguf ] || python3 -m flashmoe_stream synth --preset qwen3-235b-a22b --layers ${LAYERS:-12} --qtype Q4_K_M \
-  -o $m/q.gguf --json > /tmp/synth.json 2>&1
-f=$m/q.gguf
+. "$(dirname "$0")/_gpu_setup.sh"  # OUT, TESTS run, the model in f
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader
 i=0
 for s in ${AB:-X=1}; do

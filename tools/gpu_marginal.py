@@ -20,6 +20,7 @@ import sys
 import torch
 
 import flashmoe_stream as fms
+from _cuda_timing import timed as replay_seconds  # tools/
 from flashmoe_stream.models import _fused as K, graph as G
 
 path, mode = sys.argv[1], sys.argv[2]
@@ -27,16 +28,9 @@ steps = 50
 
 
 def timed(g, pos: int) -> float:
+    """ms a replay of g's captured step at position pos."""
     g.inp[1] = pos
-    g.graph.replay()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ev[0].record()
-    for _ in range(steps):
-        g.graph.replay()
-    ev[1].record()
-    torch.cuda.synchronize()
-    return ev[0].elapsed_time(ev[1]) / steps
+    return 1e3 * replay_seconds(g.graph.replay, reps=steps, graph=False)
 
 
 @contextlib.contextmanager
